@@ -1,0 +1,224 @@
+"""Configuration of early-exit models: one frozen record per exit head, held by a
+:class:`megatron.core.transformer.TransformerConfig` subclass.
+
+Exit numbering follows the original EE-LLM's ``--exit-layer-nums``: ``layer_number`` is the
+1-based backbone layer an exit belongs to. A post-exit (the default) reads that layer's output; a
+pre-exit (``pre_exit=True``) reads its input, so "post-exit at L" and "pre-exit at L+1" see the
+same hidden state but live on different pipeline stages when L is a stage boundary.
+
+Every exit is identified by :attr:`ExitHeadConfig.depth`, the number of backbone layers below the
+hidden state it reads. Checkpoint keys, logs and metrics use that depth, so they do not depend on
+the pipeline split or on pre/post placement.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from megatron.core.transformer import TransformerConfig
+
+ExitStructure = Literal["head", "norm", "mlp", "block"]
+EXIT_STRUCTURES: tuple[str, ...] = ("head", "norm", "mlp", "block")
+WARMUP_STYLES: tuple[str, ...] = ("linear", "cosine")
+
+
+@dataclass(frozen=True)
+class ExitHeadConfig:
+    """One early exit.
+
+    Structures (each adds to the previous one's path to the logits):
+      * ``head``: the output embedding only (vocab-parallel projection).
+      * ``norm``: a norm, then the output embedding.
+      * ``mlp``: a residual MLP (``h + MLP(norm(h))``), a norm, then the output embedding.
+      * ``block``: a full transformer layer, a norm, then the output embedding.
+    """
+
+    layer_number: int
+    """1-based backbone layer the exit belongs to (``--exit-layer-nums``)."""
+
+    pre_exit: bool = False
+    """Read the layer's input instead of its output (``--pre-exit``)."""
+
+    structure: str = "head"
+    """One of :data:`EXIT_STRUCTURES`."""
+
+    loss_weight: float = 1.0
+    """Target weight of this exit's loss in the total loss (``--exit-layer-weight``)."""
+
+    loss_weight_init: float = 0.0
+    """Weight at iteration 0 of the warm-up (``--exit-layer-weight-init``)."""
+
+    temperature: float = 1.0
+    """Training-time divisor of the exit logits before the cross entropy."""
+
+    untied: bool = False
+    """Own vocab-parallel output layer instead of sharing the word embedding."""
+
+    def __post_init__(self):
+        _check_int("layer_number", self.layer_number, minimum=1)
+        if self.structure not in EXIT_STRUCTURES:
+            raise ValueError(
+                f"exit structure: unknown value {self.structure!r} for the exit at layer "
+                f"{self.layer_number}; expected one of {', '.join(EXIT_STRUCTURES)}"
+            )
+        for name in ("loss_weight", "loss_weight_init"):
+            value = getattr(self, name)
+            if not _is_finite(value) or value < 0:
+                raise ValueError(
+                    f"{name}: must be a finite number >= 0, got {value!r} for the exit at layer "
+                    f"{self.layer_number}"
+                )
+        if not _is_finite(self.temperature) or self.temperature <= 0:
+            raise ValueError(
+                f"temperature: must be a finite number > 0, got {self.temperature!r} for the "
+                f"exit at layer {self.layer_number}"
+            )
+
+    @property
+    def depth(self) -> int:
+        """Number of backbone layers below the hidden state this exit reads."""
+        return self.layer_number - 1 if self.pre_exit else self.layer_number
+
+    @property
+    def key(self) -> str:
+        """Module/checkpoint key of this exit (its depth), independent of the pipeline split."""
+        return str(self.depth)
+
+
+@dataclass
+class EarlyExitTransformerConfig(TransformerConfig):
+    """megatron-core's TransformerConfig plus the early exits and the GPT options they depend on."""
+
+    exit_heads: tuple[ExitHeadConfig, ...] = ()
+    """The early exits, in any order (stored sorted by depth)."""
+
+    exit_loss_weight_warmup_iters: int = 0
+    """Iterations over which each exit weight moves from ``loss_weight_init`` to ``loss_weight``;
+    0 means the target weights apply from the start."""
+
+    exit_loss_weight_warmup_style: str = "linear"
+    """``linear`` or ``cosine``."""
+
+    include_final_loss: bool = True
+    """Add the final head's loss to the total; EE-Tuning switches it off."""
+
+    dynamic_exit_loss_weight: bool = False
+    """Weight each token's exit loss by the exit's own (stop-gradient) max probability."""
+
+    untie_embeddings_and_output_weights: bool = False
+    """The final output layer has its own weight instead of the word embedding."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.exit_heads = tuple(sorted(self.exit_heads, key=lambda e: e.depth))
+        self._validate_exit_heads()
+        self._validate_loss_schedule()
+
+    def _validate_exit_heads(self) -> None:
+        seen: dict[int, ExitHeadConfig] = {}
+        for exit_head in self.exit_heads:
+            if not isinstance(exit_head, ExitHeadConfig):
+                raise ValueError(f"exit_heads: expected ExitHeadConfig records, got {exit_head!r}")
+            if exit_head.layer_number > self.num_layers:
+                raise ValueError(
+                    f"exit layer number: {exit_head.layer_number} is out of range for a model "
+                    f"with num_layers={self.num_layers} (valid: 1..{self.num_layers})"
+                )
+            if exit_head.depth in seen:
+                raise ValueError(
+                    f"exit_heads: duplicate exits at depth {exit_head.depth} "
+                    f"({seen[exit_head.depth]} and {exit_head})"
+                )
+            seen[exit_head.depth] = exit_head
+            if not exit_head.untied and self.untie_embeddings_and_output_weights:
+                raise ValueError(
+                    f"untied: the exit at layer {exit_head.layer_number} shares the word "
+                    "embedding, but the model unties embeddings and output weights; untie the "
+                    "exit heads too (--untie-exit-output-weights)"
+                )
+        if self.exit_heads and self.recompute_granularity == "full":
+            raise ValueError(
+                "recompute_granularity: 'full' recomputation is not supported with early exits "
+                "(the exit inputs would be captured without autograd history); use 'selective'"
+            )
+
+    def _validate_loss_schedule(self) -> None:
+        _check_int("exit_loss_weight_warmup_iters", self.exit_loss_weight_warmup_iters, minimum=0)
+        if self.exit_loss_weight_warmup_style not in WARMUP_STYLES:
+            raise ValueError(
+                "exit_loss_weight_warmup_style: unknown value "
+                f"{self.exit_loss_weight_warmup_style!r}; "
+                f"expected one of {', '.join(WARMUP_STYLES)}"
+            )
+        if not self.include_final_loss and not self.exit_heads:
+            raise ValueError(
+                "include_final_loss: dropping the final loss needs at least one exit head"
+            )
+
+    def exit_head(self, depth: int) -> ExitHeadConfig:
+        """The exit at ``depth``; KeyError if there is none."""
+        for exit_head in self.exit_heads:
+            if exit_head.depth == depth:
+                return exit_head
+        raise KeyError(f"no exit head at depth {depth}")
+
+
+def make_exit_heads(
+    layer_numbers: Sequence[int],
+    *,
+    pre_exit: bool = False,
+    structure: str = "head",
+    loss_weights: Sequence[float] | None = None,
+    loss_weights_init: Sequence[float] | None = None,
+    temperatures: Sequence[float] | None = None,
+    untied: bool = False,
+) -> tuple[ExitHeadConfig, ...]:
+    """Build exit records from EE-LLM-style parallel lists (``--exit-layer-nums``,
+    ``--exit-layer-weight``, ...). Each list must have one entry per exit layer.
+
+    Defaults follow the original: target weight 1.0, initial weight 0.0, temperature 1.0.
+    """
+    count = len(layer_numbers)
+    lists = {
+        "loss_weights": loss_weights,
+        "loss_weights_init": loss_weights_init,
+        "temperatures": temperatures,
+    }
+    for name, values in lists.items():
+        if values is not None and len(values) != count:
+            raise ValueError(
+                f"{name}: got {len(values)} values for {count} exit layers "
+                f"({list(layer_numbers)}); give one value per exit layer"
+            )
+    return tuple(
+        ExitHeadConfig(
+            layer_number=layer_number,
+            pre_exit=pre_exit,
+            structure=structure,
+            loss_weight=1.0 if loss_weights is None else loss_weights[i],
+            loss_weight_init=0.0 if loss_weights_init is None else loss_weights_init[i],
+            temperature=1.0 if temperatures is None else temperatures[i],
+            untied=untied,
+        )
+        for i, layer_number in enumerate(layer_numbers)
+    )
+
+
+def _is_finite(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_int(name: str, value, *, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name}: must be an integer >= {minimum}, got {value!r}")
+
+
+__all__ = [
+    "EXIT_STRUCTURES",
+    "EarlyExitTransformerConfig",
+    "ExitHeadConfig",
+    "make_exit_heads",
+]

@@ -1,0 +1,185 @@
+"""Exit heads: one module per exit structure, all with the same contract.
+
+``forward(hidden_states [s, b, h], output_weight=None, layer_inputs=None,
+runtime_gather_output=None) -> logits [s, b, v/tp]`` (``v`` when gathered).
+
+Every head ends in a vocab-parallel projection. A tied head owns no projection weight: the model
+passes the word embedding it shares (``output_weight``). Under sequence parallelism the input is
+sequence-sharded; the projection all-gathers it, the norm works on the local shard with
+parameters tagged for the SP gradient reduction, and the MLP/transformer layer handle SP
+themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron.early_exit.config import ExitHeadConfig
+from megatron.early_exit.model.layer_specs import (
+    exit_mlp_spec,
+    norm_module,
+    transformer_layer_spec,
+)
+
+
+@dataclass
+class LayerInputs:
+    """What a transformer layer inside a ``block`` exit needs besides the hidden states."""
+
+    attention_mask: torch.Tensor | None = None
+    rotary_pos_emb: Any = None
+    inference_context: Any = None
+    packed_seq_params: Any = None
+
+    def as_kwargs(self) -> dict[str, Any]:
+        return {
+            "attention_mask": self.attention_mask,
+            "rotary_pos_emb": self.rotary_pos_emb,
+            "inference_context": self.inference_context,
+            "packed_seq_params": self.packed_seq_params,
+        }
+
+
+class ExitHead(MegatronModule):
+    """Base class: ``transform`` (structure-specific) followed by the vocab projection."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        exit_config: ExitHeadConfig,
+        vocab_size: int,
+        tp_group=None,
+    ):
+        super().__init__(config=config)
+        self.exit_config = exit_config
+        self.output_layer = tensor_parallel.ColumnParallelLinear(
+            config.hidden_size,
+            vocab_size,
+            config=config,
+            init_method=config.init_method,
+            bias=False,
+            skip_bias_add=False,
+            gather_output=False,
+            skip_weight_param_allocation=not exit_config.untied,
+            tp_group=tp_group,
+        )
+        if self.output_layer.weight is not None:
+            self.output_layer.weight.is_embedding_or_output_parameter = True
+
+    def transform(self, hidden_states: torch.Tensor, layer_inputs: LayerInputs | None):
+        """Structure-specific part; the identity for the plain output head."""
+        return hidden_states
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        output_weight: torch.Tensor | None = None,
+        layer_inputs: LayerInputs | None = None,
+        runtime_gather_output: bool | None = None,
+    ) -> torch.Tensor:
+        hidden_states = self.transform(hidden_states, layer_inputs)
+        if self.exit_config.untied:
+            output_weight = None
+        elif output_weight is None:
+            raise ValueError(
+                f"exit at depth {self.exit_config.depth} is tied to the word embedding; "
+                "pass output_weight"
+            )
+        logits, _ = self.output_layer(
+            hidden_states, weight=output_weight, runtime_gather_output=runtime_gather_output
+        )
+        return logits  # [s, b, v/tp] (or [s, b, v] when gathered)
+
+
+class OutputHeadExit(ExitHead):
+    """``head``: the output embedding applied to the hidden state as is."""
+
+
+class NormExit(ExitHead):
+    """``norm``: a norm, then the output embedding."""
+
+    def __init__(self, config, exit_config, vocab_size, tp_group=None):
+        super().__init__(config, exit_config, vocab_size, tp_group)
+        self.norm = build_module(
+            norm_module(config),
+            config=config,
+            hidden_size=config.hidden_size,
+            eps=config.layernorm_epsilon,
+        )
+
+    def transform(self, hidden_states, layer_inputs):
+        return self.norm(hidden_states)
+
+
+class MLPExit(NormExit):
+    """``mlp``: a residual MLP ``h + MLP(mlp_norm(h))``, a norm, then the output embedding.
+
+    The MLP has the backbone's shape, so it can start as a copy of the exit layer's own MLP.
+    """
+
+    def __init__(self, config, exit_config, vocab_size, tp_group=None):
+        super().__init__(config, exit_config, vocab_size, tp_group)
+        self.mlp_norm = build_module(
+            norm_module(config),
+            config=config,
+            hidden_size=config.hidden_size,
+            eps=config.layernorm_epsilon,
+        )
+        self.mlp = build_module(exit_mlp_spec(), config=config)
+
+    def transform(self, hidden_states, layer_inputs):
+        mlp_output, mlp_bias = self.mlp(self.mlp_norm(hidden_states))
+        if mlp_bias is not None:
+            mlp_output = mlp_output + mlp_bias
+        return self.norm(hidden_states + mlp_output)
+
+
+class BlockExit(NormExit):
+    """``block``: a full transformer layer of the backbone's kind, a norm, the output embedding.
+
+    Its layer number is ``num_layers + depth`` so that it has a KV-cache slot of its own.
+    """
+
+    def __init__(self, config, exit_config, vocab_size, tp_group=None, layer_offset: int = 0):
+        super().__init__(config, exit_config, vocab_size, tp_group)
+        # TransformerLayer adds this stage's layer offset itself.
+        self.layer = build_module(
+            transformer_layer_spec(config),
+            config=config,
+            layer_number=config.num_layers + exit_config.depth - layer_offset,
+        )
+
+    def transform(self, hidden_states, layer_inputs):
+        layer_inputs = layer_inputs or LayerInputs()
+        hidden_states, _ = self.layer(hidden_states=hidden_states, **layer_inputs.as_kwargs())
+        return self.norm(hidden_states)
+
+
+EXIT_HEAD_CLASSES: dict[str, type[ExitHead]] = {
+    "head": OutputHeadExit,
+    "norm": NormExit,
+    "mlp": MLPExit,
+    "block": BlockExit,
+}
+
+
+def build_exit_head(
+    config: TransformerConfig,
+    exit_config: ExitHeadConfig,
+    vocab_size: int,
+    *,
+    tp_group=None,
+    layer_offset: int = 0,
+) -> ExitHead:
+    """Build the exit head for ``exit_config.structure``."""
+    cls = EXIT_HEAD_CLASSES[exit_config.structure]
+    if cls is BlockExit:
+        return cls(config, exit_config, vocab_size, tp_group, layer_offset=layer_offset)
+    return cls(config, exit_config, vocab_size, tp_group)

@@ -1,0 +1,323 @@
+"""EarlyExitGPTModel: megatron-core's GPTModel with exit heads on intermediate layers.
+
+The backbone (embedding, TransformerBlock, final norm and head) is megatron-core's, unchanged.
+Exit heads live in ``self.exit_heads``, a ModuleDict keyed by exit depth, so checkpoint keys do
+not depend on the pipeline split; each stage builds only the heads of its own layers.
+
+How exits see the backbone: for the duration of one forward, a forward hook on each exit's layer
+(a forward-pre hook for pre-exits) records the hidden state the exit reads. The block itself runs
+unmodified, so megatron-core's layer loop, SP/TP handling and selective recomputation stay
+intact. (Full-layer recomputation would record hidden states without autograd history; the config
+rejects it with exits.)
+
+Forward returns ``(output, exit_outputs)``:
+
+* ``output`` is what GPTModel returns: the per-token final loss ``[b, s]`` when labels are given
+  on the last stage, the logits ``[b, s, v]`` without labels, the hidden states on other stages;
+* ``exit_outputs`` maps each local exit depth to its per-token loss ``[b, s]`` (labels given) or
+  its logits ``[b, s, v(/tp)]``; with ``defer_exits=True`` it maps to :class:`PendingExit`
+  objects that compute the same thing later (the pipeline schedule runs them right before the
+  microbatch's backward, so exit logits of only one microbatch are alive at a time).
+
+Tied exits share the word embedding: on the first stage the embedding itself, on the last stage
+megatron-core's tied output weight, on any other stage a copy (``early_exit_word_embeddings``)
+that joins megatron-core's embedding group, so it starts equal to the embedding and its gradient
+is all-reduced with the first/last-stage pair by ``finalize_model_grads``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+from megatron.core.utils import divide
+
+from megatron.early_exit import platform
+from megatron.early_exit.config import EarlyExitTransformerConfig, ExitHeadConfig
+from megatron.early_exit.model.exit_heads import LayerInputs, build_exit_head
+from megatron.early_exit.model.layer_specs import decoder_block_spec
+from megatron.early_exit.model.losses import vocab_parallel_max_prob
+from megatron.early_exit.model.placement import exit_heads_on_stage
+
+
+@dataclass
+class PendingExit:
+    """An exit whose head has not run yet: the recorded hidden state and what the head needs."""
+
+    model: EarlyExitGPTModel
+    depth: int
+    hidden_states: torch.Tensor
+    layer_inputs: LayerInputs
+    labels: torch.Tensor | None
+    runtime_gather_output: bool | None = None
+
+    def compute(self) -> torch.Tensor:
+        """Per-token loss ``[b, s]`` when labels were given, else logits ``[b, s, v(/tp)]``."""
+        return self.model.exit_output(
+            self.depth,
+            self.hidden_states,
+            self.layer_inputs,
+            labels=self.labels,
+            runtime_gather_output=self.runtime_gather_output,
+        )
+
+
+class EarlyExitGPTModel(GPTModel):
+    """GPT model with early-exit heads; builds any pipeline stage's slice."""
+
+    def __init__(
+        self,
+        config: EarlyExitTransformerConfig,
+        vocab_size: int,
+        max_sequence_length: int,
+        pre_process: bool = True,
+        post_process: bool = True,
+        parallel_output: bool = True,
+        position_embedding_type: str = "learned_absolute",
+        rotary_percent: float = 1.0,
+        rotary_base: int = 10000,
+        vp_stage: int | None = None,
+    ):
+        if not isinstance(config, EarlyExitTransformerConfig):
+            raise TypeError("EarlyExitGPTModel needs an EarlyExitTransformerConfig")
+        super().__init__(
+            config=config,
+            transformer_layer_spec=decoder_block_spec(config, vp_stage),
+            vocab_size=vocab_size,
+            max_sequence_length=max_sequence_length,
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=parallel_output,
+            share_embeddings_and_output_weights=not config.untie_embeddings_and_output_weights,
+            position_embedding_type=position_embedding_type,
+            rotary_percent=rotary_percent,
+            rotary_base=rotary_base,
+            vp_stage=vp_stage,
+        )
+        stage = parallel_state.get_pipeline_model_parallel_rank()
+        self.layer_offset = get_transformer_layer_offset(config, vp_stage, stage)
+        self.local_exit_configs: tuple[ExitHeadConfig, ...] = exit_heads_on_stage(
+            config, stage, vp_stage
+        )
+        self.exit_heads = torch.nn.ModuleDict(
+            {
+                e.key: build_exit_head(
+                    config,
+                    e,
+                    vocab_size,
+                    tp_group=self.pg_collection.tp,
+                    layer_offset=self.layer_offset,
+                )
+                for e in self.local_exit_configs
+            }
+        )
+        self.early_exit_word_embeddings = self._build_exit_embedding_copy(vocab_size)
+
+    # ---------------------------------------------------------------------------------------
+    # Tied exit heads
+    # ---------------------------------------------------------------------------------------
+
+    def _build_exit_embedding_copy(self, vocab_size: int) -> torch.nn.Parameter | None:
+        """A copy of the word embedding for tied exits on a stage without embedding or head."""
+        has_tied = any(not e.untied for e in self.local_exit_configs)
+        if not has_tied or self.pre_process or self.post_process:
+            return None
+        if not self._is_in_embd_group():
+            raise ValueError(
+                "tied exit heads on a middle pipeline stage need that stage in the embedding "
+                "group: call platform.initialize(embedding_stages=tied_exit_stages(config))"
+            )
+        tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        on_cpu = self.config.use_cpu_initialization
+        weight = torch.nn.Parameter(
+            torch.zeros(
+                divide(vocab_size, tp_size),
+                self.config.hidden_size,
+                dtype=self.config.params_dtype,
+                device=torch.device("cpu") if on_cpu else platform.device(),
+            )
+        )
+        tensor_parallel.set_tensor_model_parallel_attributes(weight, True, 0, 1)
+        weight.shared = True
+        weight.shared_embedding = True
+        weight.is_embedding_or_output_parameter = True
+        if torch.distributed.is_initialized():
+            # Joins the all-reduce megatron-core's first and last stage run in
+            # setup_embeddings_and_output_layer: zeros here, so the sum is the embedding.
+            torch.distributed.all_reduce(weight.data, group=self.embd_group)
+        return weight
+
+    def _is_in_embd_group(self) -> bool:
+        if self.embd_group is None or not torch.distributed.is_initialized():
+            return False
+        ranks = torch.distributed.get_process_group_ranks(self.embd_group)
+        if torch.distributed.get_rank() not in ranks:
+            return False
+        if self.pre_process or self.post_process:
+            return super()._is_in_embd_group()
+        return True
+
+    def shared_embedding_or_output_weight(self) -> torch.Tensor | None:
+        if self.pre_process or self.post_process:
+            return super().shared_embedding_or_output_weight()
+        return self.early_exit_word_embeddings
+
+    def tied_exit_weight(self) -> torch.Tensor | None:
+        """The word-embedding weight tied exits on this stage project with."""
+        if self.pre_process:
+            return self.embedding.word_embeddings.weight
+        if self.post_process and self.share_embeddings_and_output_weights:
+            return self.output_layer.weight
+        return self.early_exit_word_embeddings
+
+    # ---------------------------------------------------------------------------------------
+    # Forward
+    # ---------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        decoder_input: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        inference_context=None,
+        packed_seq_params=None,
+        runtime_gather_output: bool | None = None,
+        *,
+        exit_depths: Iterable[int] | None = None,
+        defer_exits: bool = False,
+        loss_mask: torch.Tensor | None = None,
+    ):
+        """Run this stage; see the module docstring for what is returned.
+
+        Args:
+            exit_depths: which local exits to evaluate (default: all of this stage's exits).
+            defer_exits: return :class:`PendingExit` objects instead of computing the exits.
+        """
+        decoder_input, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin, seq_offset, _ = (
+            self._preprocess(
+                input_ids=input_ids,
+                position_ids=position_ids,
+                decoder_input=decoder_input,
+                inference_context=inference_context,
+                packed_seq_params=packed_seq_params,
+            )[:6]
+        )
+        wanted = self._select_exits(exit_depths)
+        with self._record_exit_inputs(wanted) as recorded:
+            hidden_states = self.decoder(
+                hidden_states=decoder_input,
+                attention_mask=attention_mask,
+                inference_context=inference_context,
+                rotary_pos_emb=rotary_pos_emb,
+                rotary_pos_cos=rotary_pos_cos,
+                rotary_pos_sin=rotary_pos_sin,
+                packed_seq_params=packed_seq_params,
+                sequence_len_offset=seq_offset,
+            )
+        output = self._postprocess(
+            hidden_states=hidden_states,
+            input_ids=input_ids,
+            position_ids=position_ids,
+            labels=labels,
+            rotary_pos_emb=rotary_pos_emb,
+            rotary_pos_cos=rotary_pos_cos,
+            rotary_pos_sin=rotary_pos_sin,
+            loss_mask=loss_mask,
+            decoder_input=decoder_input,
+            attention_mask=attention_mask,
+            packed_seq_params=packed_seq_params,
+            sequence_len_offset=seq_offset,
+            runtime_gather_output=runtime_gather_output,
+            inference_context=inference_context,
+        )
+        layer_inputs = LayerInputs(
+            attention_mask, rotary_pos_emb, inference_context, packed_seq_params
+        )
+        pending = {
+            depth: PendingExit(
+                self, depth, recorded[depth], layer_inputs, labels, runtime_gather_output
+            )
+            for depth in sorted(recorded)
+        }
+        if defer_exits:
+            return output, pending
+        return output, {depth: p.compute() for depth, p in pending.items()}
+
+    def _select_exits(self, exit_depths: Iterable[int] | None) -> tuple[ExitHeadConfig, ...]:
+        if exit_depths is None:
+            return self.local_exit_configs
+        wanted = set(exit_depths)
+        local = {e.depth for e in self.local_exit_configs}
+        if not wanted <= local:
+            raise ValueError(
+                f"exit_depths: {sorted(wanted - local)} are not exits of this stage "
+                f"(local exits: {sorted(local)})"
+            )
+        return tuple(e for e in self.local_exit_configs if e.depth in wanted)
+
+    @contextlib.contextmanager
+    def _record_exit_inputs(self, exit_configs: tuple[ExitHeadConfig, ...]):
+        """Record, during one decoder call, the hidden state each exit reads."""
+        recorded: dict[int, torch.Tensor] = {}
+        handles = []
+        for exit_config in exit_configs:
+            layer = self.decoder.layers[exit_config.layer_number - self.layer_offset - 1]
+            assert layer.layer_number == exit_config.layer_number, (layer.layer_number, exit_config)
+            if exit_config.pre_exit:
+                hook = partial(_record_layer_input, recorded, exit_config.depth)
+                handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+            else:
+                hook = partial(_record_layer_output, recorded, exit_config.depth)
+                handles.append(layer.register_forward_hook(hook))
+        try:
+            yield recorded
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def exit_output(
+        self,
+        depth: int,
+        hidden_states: torch.Tensor,
+        layer_inputs: LayerInputs | None = None,
+        labels: torch.Tensor | None = None,
+        runtime_gather_output: bool | None = None,
+    ) -> torch.Tensor:
+        """Apply exit head ``depth`` to ``hidden_states`` ``[s(/tp), b, h]``.
+
+        Returns the per-token loss ``[b, s]`` (temperature-scaled logits, optionally weighted by
+        the exit's stop-gradient confidence) when ``labels`` are given, else logits ``[b, s, v]``.
+        """
+        exit_config = self.config.exit_head(depth)
+        if labels is None and runtime_gather_output is None:
+            runtime_gather_output = not self.parallel_output
+        logits = self.exit_heads[exit_config.key](
+            hidden_states,
+            output_weight=self.tied_exit_weight(),
+            layer_inputs=layer_inputs,
+            runtime_gather_output=False if labels is not None else runtime_gather_output,
+        )
+        if labels is None:
+            return logits.transpose(0, 1).contiguous()  # [s, b, v] -> [b, s, v]
+        if exit_config.temperature != 1.0:
+            logits = logits / exit_config.temperature
+        loss = self.compute_language_model_loss(labels, logits)
+        if self.config.dynamic_exit_loss_weight:
+            loss = loss * vocab_parallel_max_prob(logits, self.pg_collection.tp).transpose(0, 1)
+        return loss
+
+
+def _record_layer_input(recorded, depth, module, args, kwargs):
+    recorded[depth] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
+def _record_layer_output(recorded, depth, module, args, output):
+    recorded[depth] = output[0] if isinstance(output, tuple) else output
