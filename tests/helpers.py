@@ -1,0 +1,98 @@
+"""Tiny models, batches and comparisons shared by the test tiers."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from megatron.early_exit import platform
+from megatron.early_exit.config import EarlyExitTransformerConfig, ExitHeadConfig
+
+VOCAB = 64
+SEQ = 16
+BATCH = 2
+
+# Two backbone families; each uses every exit structure at least once.
+FAMILIES = {
+    "gpt": dict(
+        model=dict(normalization="LayerNorm", add_bias_linear=True),
+        position_embedding_type="learned_absolute",
+        exits=(
+            ExitHeadConfig(1, structure="head", loss_weight=0.3),
+            ExitHeadConfig(2, structure="norm", loss_weight=0.5),
+            ExitHeadConfig(4, pre_exit=True, structure="mlp", loss_weight=0.7),
+            ExitHeadConfig(4, structure="block", loss_weight=1.1, untied=True),
+        ),
+    ),
+    "llama": dict(
+        model=dict(
+            normalization="RMSNorm",
+            add_bias_linear=False,
+            gated_linear_unit=True,
+            activation_func=F.silu,
+            num_query_groups=2,
+            untie_embeddings_and_output_weights=True,
+        ),
+        position_embedding_type="rope",
+        exits=(
+            ExitHeadConfig(1, structure="block", loss_weight=0.4, untied=True),
+            ExitHeadConfig(2, structure="mlp", loss_weight=0.6, untied=True, temperature=1.5),
+            ExitHeadConfig(3, structure="norm", loss_weight=0.8, untied=True),
+            ExitHeadConfig(4, structure="head", loss_weight=1.0, untied=True),
+        ),
+    ),
+}
+
+
+def tiny_config(
+    family: str = "gpt",
+    *,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    sequence_parallel: bool = False,
+    **overrides,
+) -> EarlyExitTransformerConfig:
+    spec = FAMILIES[family]
+    fields = dict(
+        num_layers=4,
+        hidden_size=32,
+        ffn_hidden_size=64,
+        num_attention_heads=4,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=0.05,
+        exit_heads=spec["exits"],
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        sequence_parallel=sequence_parallel,
+        **spec["model"],
+    )
+    fields.update(platform.config_overrides())
+    fields.update(overrides)
+    return EarlyExitTransformerConfig(**fields)
+
+
+def position_embedding_type(family: str) -> str:
+    return FAMILIES[family]["position_embedding_type"]
+
+
+def make_batch(seed: int, batch: int = BATCH, seq: int = SEQ, vocab: int = VOCAB) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (batch, seq + 1), generator=generator)
+    loss_mask = torch.ones(batch, seq)
+    loss_mask[0, :3] = 0.0  # exercise masking
+    return {
+        "input_ids": tokens[:, :-1].contiguous(),
+        "labels": tokens[:, 1:].contiguous(),
+        "position_ids": torch.arange(seq).unsqueeze(0).expand(batch, -1).contiguous(),
+        "attention_mask": torch.ones(1, 1, seq, seq, dtype=torch.bool).triu(1),
+        "loss_mask": loss_mask,
+    }
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected| (absolute when expected is all zeros)."""
+    actual, expected = actual.double(), expected.double()
+    scale = expected.abs().max().item()
+    diff = (actual - expected).abs().max().item()
+    return diff / scale if scale > 0 else diff
