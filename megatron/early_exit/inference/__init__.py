@@ -1,0 +1,1 @@
+"""Generation stack: exit decisions, sampling, KV caches and decoding methods."""

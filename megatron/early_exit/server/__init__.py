@@ -1,0 +1,1 @@
+"""Generation server: request protocol, service layer, HTTP app and worker loop."""
