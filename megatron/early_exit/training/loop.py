@@ -1,0 +1,195 @@
+"""A single-pipeline-stage training loop on megatron-core's DDP, optimizer and LR scheduler.
+
+Per iteration with ``M`` microbatches the loop minimises
+
+    (1/M) * sum_j [ include_final * L_final_j + sum_i w_i(t) * L_i_j ]
+
+with masked-mean token losses and the exit weights of :mod:`megatron.early_exit.model.losses`.
+It runs on any TP/DP layout with PP=1; the pipeline schedule plugs in at
+:func:`forward_backward` for PP>1.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron.early_exit.config import EarlyExitTransformerConfig
+from megatron.early_exit.model.gpt_model import EarlyExitGPTModel
+from megatron.early_exit.model.losses import exit_loss_weights, masked_mean, weighted_total_loss
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Optimisation settings (Megatron flag names in the comments)."""
+
+    train_iters: int  # --train-iters
+    num_microbatches: int = 1  # --global-batch-size / (--micro-batch-size * DP)
+    lr: float = 1e-3  # --lr
+    min_lr: float = 1e-4  # --min-lr
+    lr_warmup_iters: int = 0  # --lr-warmup-iters
+    lr_decay_style: str = "cosine"  # --lr-decay-style
+    weight_decay: float = 0.01  # --weight-decay
+    clip_grad: float = 1.0  # --clip-grad
+    adam_beta1: float = 0.9  # --adam-beta1
+    adam_beta2: float = 0.95  # --adam-beta2
+    log_interval: int = 10  # --log-interval
+
+
+@dataclass
+class IterationMetrics:
+    """What one iteration reports (the ``--metrics-file`` record)."""
+
+    iteration: int
+    lm_loss: float | None
+    exit_losses: dict[int, float]
+    exit_weights: dict[int, float]
+    lr: float
+    grad_norm: float | None
+    tokens_per_second: float
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Trainer:
+    """Model (DDP-wrapped), optimizer and LR scheduler of one training run."""
+
+    model: DistributedDataParallel
+    optimizer: object
+    scheduler: OptimizerParamScheduler
+    config: EarlyExitTransformerConfig
+    training: TrainingConfig
+    iteration: int = 0
+
+
+def setup_trainer(model: EarlyExitGPTModel, training: TrainingConfig) -> Trainer:
+    """Wrap ``model`` in megatron-core's DDP and build its Adam optimizer and LR scheduler."""
+    config = model.config
+    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(), model)
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=training.lr,
+            min_lr=training.min_lr,
+            weight_decay=training.weight_decay,
+            adam_beta1=training.adam_beta1,
+            adam_beta2=training.adam_beta2,
+            clip_grad=training.clip_grad,
+            bf16=config.bf16,
+            fp16=config.fp16,
+            params_dtype=config.params_dtype,
+        ),
+        [ddp],
+    )
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if training.lr_warmup_iters else training.lr,
+        max_lr=training.lr,
+        min_lr=training.min_lr,
+        lr_warmup_steps=training.lr_warmup_iters,
+        lr_decay_steps=training.train_iters,
+        lr_decay_style=training.lr_decay_style,
+        start_wd=training.weight_decay,
+        end_wd=training.weight_decay,
+        wd_incr_steps=training.train_iters,
+        wd_incr_style="constant",
+    )
+    return Trainer(ddp, optimizer, scheduler, config, training)
+
+
+def forward_backward(trainer: Trainer, microbatches: list[dict]) -> tuple[float | None, dict]:
+    """Forward and backward over the microbatches of one iteration (PP=1).
+
+    Returns the mean final loss and the mean loss of every exit, as floats.
+    """
+    weights = exit_loss_weights(trainer.config, trainer.iteration)
+    num = len(microbatches)
+    final_sum, exit_sums = 0.0, {}
+    for batch in microbatches:
+        final, exits = trainer.model(
+            batch["input_ids"],
+            batch["position_ids"],
+            batch["attention_mask"],
+            labels=batch["labels"],
+        )
+        final_loss = masked_mean(final, batch["loss_mask"])
+        exit_losses = {d: masked_mean(v, batch["loss_mask"]) for d, v in exits.items()}
+        total = weighted_total_loss(
+            final_loss, exit_losses, weights, trainer.config.include_final_loss
+        )
+        (total / num).backward()
+        final_sum += final_loss.item()
+        for depth, loss in exit_losses.items():
+            exit_sums[depth] = exit_sums.get(depth, 0.0) + loss.item()
+    return final_sum / num, {d: s / num for d, s in exit_sums.items()}
+
+
+def train_step(trainer: Trainer, microbatches: list[dict]) -> IterationMetrics:
+    """One optimizer step: zero grads, forward/backward, reduce grads, clip, update, schedule."""
+    start = time.perf_counter()
+    trainer.model.zero_grad_buffer()
+    trainer.optimizer.zero_grad()
+    lm_loss, exit_losses = forward_backward(trainer, microbatches)
+    finalize_model_grads([trainer.model])
+    _, grad_norm, _ = trainer.optimizer.step()
+    weights = exit_loss_weights(trainer.config, trainer.iteration)
+    trainer.scheduler.step(increment=1)
+    trainer.iteration += 1
+    tokens = sum(b["input_ids"].numel() for b in microbatches)
+    return IterationMetrics(
+        iteration=trainer.iteration,
+        lm_loss=lm_loss if trainer.config.include_final_loss else None,
+        exit_losses=exit_losses,
+        exit_weights=weights,
+        lr=trainer.optimizer.param_groups[0]["lr"],
+        grad_norm=None if grad_norm is None else float(grad_norm),
+        tokens_per_second=tokens / (time.perf_counter() - start),
+    )
+
+
+def train(
+    trainer: Trainer,
+    batches: Iterator[list[dict]],
+    on_log: Callable[[IterationMetrics], None] | None = None,
+) -> list[IterationMetrics]:
+    """Run ``training.train_iters`` iterations; ``batches`` yields each iteration's microbatches."""
+    history = []
+    trainer.model.train()
+    while trainer.iteration < trainer.training.train_iters:
+        metrics = train_step(trainer, next(batches))
+        history.append(metrics)
+        if on_log and (
+            metrics.iteration % trainer.training.log_interval == 0
+            or metrics.iteration == trainer.training.train_iters
+        ):
+            on_log(metrics)
+    return history
+
+
+@torch.no_grad()
+def evaluate(trainer: Trainer, microbatches: list[dict]) -> dict[str, float]:
+    """Mean final loss and every exit's loss on held-out microbatches (forward only)."""
+    trainer.model.eval()
+    final_sum, exit_sums = 0.0, {}
+    for batch in microbatches:
+        final, exits = trainer.model(
+            batch["input_ids"], batch["position_ids"], batch["attention_mask"],
+            labels=batch["labels"],
+        )  # fmt: skip
+        final_sum += masked_mean(final, batch["loss_mask"]).item()
+        for depth, loss in exits.items():
+            loss = masked_mean(loss, batch["loss_mask"]).item()
+            exit_sums[depth] = exit_sums.get(depth, 0.0) + loss
+    trainer.model.train()
+    num = len(microbatches)
+    return {"lm_loss": final_sum / num, **{f"exit_{d}": s / num for d, s in exit_sums.items()}}
