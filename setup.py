@@ -24,7 +24,7 @@ setup(
         "packaging",
     ],
     extras_require={
-        # apex is built from NVIDIA's source (see README); the PyPI package named "apex" is unrelated.
+        # apex is built from NVIDIA source (see README); PyPI "apex" is an unrelated project.
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
         "server": ["fastapi", "uvicorn", "pydantic>=2", "httpx"],
         "hf": ["transformers", "safetensors", "tokenizers", "gguf", "accelerate", "protobuf"],

@@ -67,6 +67,8 @@ def tiny_config(
         sequence_parallel=sequence_parallel,
         **spec["model"],
     )
+    if pipeline_model_parallel_size > 1:
+        fields["pipeline_dtype"] = torch.float32
     fields.update(platform.config_overrides())
     fields.update(overrides)
     return EarlyExitTransformerConfig(**fields)
