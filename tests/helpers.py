@@ -32,6 +32,7 @@ FAMILIES = {
             activation_func=F.silu,
             num_query_groups=2,
             untie_embeddings_and_output_weights=True,
+            dynamic_exit_loss_weight=True,  # exercises the vocab-parallel max-prob reduction
         ),
         position_embedding_type="rope",
         exits=(

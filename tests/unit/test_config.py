@@ -151,3 +151,15 @@ def test_masked_mean_ignores_masked_tokens():
     loss = torch.tensor([[1.0, 2.0], [3.0, 100.0]])
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
     assert masked_mean(loss, mask).item() == pytest.approx(2.0)
+
+
+def test_dynamic_weight_is_the_exit_max_probability_without_gradient():
+    import torch
+
+    from megatron.early_exit.model.losses import vocab_parallel_max_prob
+
+    logits = torch.randn(5, 3, 11, requires_grad=True)  # [s, b, v], one TP rank
+    max_prob = vocab_parallel_max_prob(logits, tp_group=None)
+    expected = torch.softmax(logits.detach(), dim=-1).max(dim=-1).values
+    assert torch.allclose(max_prob, expected, atol=1e-6)
+    assert not max_prob.requires_grad

@@ -85,13 +85,18 @@ def vocab_parallel_max_prob(logits: torch.Tensor, tp_group=None) -> torch.Tensor
 
     Used (under stop-gradient) as the token-wise dynamic exit loss weight.
     """
-    if tp_group is None:
+    if tp_group is None and parallel_state.model_parallel_is_initialized():
         tp_group = parallel_state.get_tensor_model_parallel_group()
+    reduce = (
+        tp_group is not None
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size(tp_group) > 1
+    )
     logits = logits.float()
     max_logit = logits.max(dim=-1).values
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size(tp_group) > 1:
+    if reduce:
         torch.distributed.all_reduce(max_logit, op=torch.distributed.ReduceOp.MAX, group=tp_group)
     sum_exp = torch.exp(logits - max_logit.unsqueeze(-1)).sum(dim=-1)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size(tp_group) > 1:
+    if reduce:
         torch.distributed.all_reduce(sum_exp, group=tp_group)
     return 1.0 / sum_exp  # exp(max - logsumexp)
