@@ -32,7 +32,10 @@ class ExitHeadConfig:
     Structures (each adds to the previous one's path to the logits):
       * ``head``: the output embedding only (vocab-parallel projection).
       * ``norm``: a norm, then the output embedding.
-      * ``mlp``: a residual MLP (``h + MLP(norm(h))``), a norm, then the output embedding.
+      * ``mlp``: a residual MLP (``h + MLP(norm(h))``), a norm, then the output embedding. Unlike
+        the original EE-LLM, whose MLP exit was a second MLP branch inside the exit layer, ours
+        is a standalone head on the hidden state, so it also works as a pre-exit and needs no
+        change to the backbone layer.
       * ``block``: a full transformer layer, a norm, then the output embedding.
     """
 
@@ -139,10 +142,30 @@ class EarlyExitTransformerConfig(TransformerConfig):
                     "embedding, but the model unties embeddings and output weights; untie the "
                     "exit heads too (--untie-exit-output-weights)"
                 )
+        if self.exit_heads:
+            self._reject_unsupported_with_exits()
         if self.exit_heads and self.recompute_granularity == "full":
             raise ValueError(
                 "recompute_granularity: 'full' recomputation is not supported with early exits "
                 "(the exit inputs would be captured without autograd history); use 'selective'"
+            )
+
+    def _reject_unsupported_with_exits(self) -> None:
+        unsupported = {
+            "virtual_pipeline_model_parallel_size": self.virtual_pipeline_model_parallel_size,
+            "context_parallel_size": self.context_parallel_size
+            if self.context_parallel_size > 1
+            else None,
+            "mtp_num_layers": self.mtp_num_layers,
+            "calculate_per_token_loss": self.calculate_per_token_loss or None,
+        }
+        for name, value in unsupported.items():
+            if value is not None:
+                raise ValueError(f"{name}: {value!r} is not supported with early exits yet")
+        if self.dynamic_exit_loss_weight and self.cross_entropy_loss_fusion:
+            raise ValueError(
+                "dynamic_exit_loss_weight: not supported with cross_entropy_loss_fusion (the fused "
+                "kernel overwrites the logits the weight is computed from)"
             )
 
     def _validate_loss_schedule(self) -> None:

@@ -352,7 +352,6 @@ def initialize(
             megatron-core's embedding group keeps every copy in sync).
     """
     from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     install_cpu_compat()
     _init_process_group(timeout_s)
@@ -372,8 +371,22 @@ def initialize(
         pipeline_model_parallel_size=pp_size,
         get_embedding_ranks=embedding_ranks,
     )
-    model_parallel_cuda_manual_seed(seed)
+    _seed_everything(seed + 100 * parallel_state.get_pipeline_model_parallel_rank())
     return current_layout()
+
+
+def _seed_everything(seed: int) -> None:
+    """Seed Python, NumPy, torch and megatron's RNG tracker (as Megatron-LM does: offset by the
+    pipeline rank so stages differ; equal across data- and tensor-parallel ranks)."""
+    import random
+
+    import numpy as np
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
 
 
 def current_layout() -> ParallelLayout:

@@ -73,6 +73,7 @@ def _step(family: str, tp: int, sp: bool) -> dict:
             runtime_gather_output=True,
         )  # fmt: skip
     exit_checks = _exit_logits_match_manual(model, batch, exit_logits)
+    exit_checks.update(_exit_losses_match_formula(config, batch, exits, exit_logits))
     return {
         "losses": {k: v.item() for k, v in losses.items()},
         "grads": grads,
@@ -120,6 +121,24 @@ def _exit_logits_match_manual(model, batch, exit_logits) -> dict:
                     exit_logits[exit_config.depth], formula
                 )
     errors["sequence_shard"] = states[0].shape[0]
+    return errors
+
+
+def _exit_losses_match_formula(config, batch, exits, exit_logits) -> dict:
+    """Each exit's per-token training loss against an independent formula on its gathered logits:
+    CE(logits / T) [* max softmax prob of logits / T when the weights are dynamic]."""
+    import torch.nn.functional as F
+
+    errors = {}
+    for exit_config in config.exit_heads:
+        logits = exit_logits[exit_config.depth].double() / exit_config.temperature
+        expected = F.cross_entropy(
+            logits.flatten(0, 1), batch["labels"].flatten(), reduction="none"
+        ).view_as(batch["labels"])
+        if config.dynamic_exit_loss_weight:
+            expected = expected * torch.softmax(logits, dim=-1).max(dim=-1).values
+        got = exits[exit_config.depth].detach()
+        errors[f"{exit_config.depth}/loss_formula"] = relative_error(got, expected)
     return errors
 
 
@@ -210,7 +229,7 @@ def test_inference_logits_match_tp1(tp_results, family, layout):
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_exit_logits_are_head_of_layer_hidden_state(tp_results, family, layout):
+def test_exits_match_independent_computation(tp_results, family, layout):
     assert tp_results[f"{family}/{layout}/manual_exit_count"] >= 4
     assert tp_results[f"{family}/{layout}/manual_exit"] < TOL
 

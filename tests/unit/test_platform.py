@@ -85,7 +85,6 @@ def test_compat_layer_remaps_literals_and_answers_type_only_to_megatron():
         assert torch.cuda.current_device() == torch.device("cpu")
         x = torch.zeros(2)
         assert x.type() == "torch.FloatTensor"          # our frames see the truth
-        from megatron.core.optimizer import clip_grads
         ns = {"__name__": "megatron.core.fake", "x": x}
         exec("t = x.type()", ns)
         print(ns["t"])

@@ -15,6 +15,7 @@ import zlib
 import torch
 from megatron.core import parallel_state
 
+from megatron.early_exit import platform
 from megatron.early_exit.config import EarlyExitTransformerConfig
 from megatron.early_exit.model.gpt_model import EarlyExitGPTModel
 from megatron.early_exit.model.sharding import is_tensor_parallel, shard
@@ -44,6 +45,7 @@ def build_early_exit_model(
         position_embedding_type=position_embedding_type,
         rotary_base=rotary_base,
     )
+    model.to(platform.device())  # torch norms are built on the CPU; a no-op on CPU machines
     if seed is not None:
         reproducible_init_(model, seed)
     return model

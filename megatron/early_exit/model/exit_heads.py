@@ -47,6 +47,15 @@ class LayerInputs:
         }
 
 
+def _build_norm(config: TransformerConfig) -> torch.nn.Module:
+    return build_module(
+        norm_module(config),
+        config=config,
+        hidden_size=config.hidden_size,
+        eps=config.layernorm_epsilon,
+    )
+
+
 class ExitHead(MegatronModule):
     """Base class: ``transform`` (structure-specific) followed by the vocab projection."""
 
@@ -107,12 +116,7 @@ class NormExit(ExitHead):
 
     def __init__(self, config, exit_config, vocab_size, tp_group=None):
         super().__init__(config, exit_config, vocab_size, tp_group)
-        self.norm = build_module(
-            norm_module(config),
-            config=config,
-            hidden_size=config.hidden_size,
-            eps=config.layernorm_epsilon,
-        )
+        self.norm = _build_norm(config)
 
     def transform(self, hidden_states, layer_inputs):
         return self.norm(hidden_states)
@@ -126,12 +130,7 @@ class MLPExit(NormExit):
 
     def __init__(self, config, exit_config, vocab_size, tp_group=None):
         super().__init__(config, exit_config, vocab_size, tp_group)
-        self.mlp_norm = build_module(
-            norm_module(config),
-            config=config,
-            hidden_size=config.hidden_size,
-            eps=config.layernorm_epsilon,
-        )
+        self.mlp_norm = _build_norm(config)
         self.mlp = build_module(exit_mlp_spec(), config=config)
 
     def transform(self, hidden_states, layer_inputs):
@@ -147,13 +146,16 @@ class BlockExit(NormExit):
     Its layer number is ``num_layers + depth`` so that it has a KV-cache slot of its own.
     """
 
-    def __init__(self, config, exit_config, vocab_size, tp_group=None, layer_offset: int = 0):
+    def __init__(
+        self, config, exit_config, vocab_size, tp_group=None, layer_offset: int = 0, vp_stage=None
+    ):
         super().__init__(config, exit_config, vocab_size, tp_group)
         # TransformerLayer adds this stage's layer offset itself.
         self.layer = build_module(
             transformer_layer_spec(config),
             config=config,
             layer_number=config.num_layers + exit_config.depth - layer_offset,
+            vp_stage=vp_stage,
         )
 
     def transform(self, hidden_states, layer_inputs):
@@ -177,9 +179,10 @@ def build_exit_head(
     *,
     tp_group=None,
     layer_offset: int = 0,
+    vp_stage: int | None = None,
 ) -> ExitHead:
     """Build the exit head for ``exit_config.structure``."""
     cls = EXIT_HEAD_CLASSES[exit_config.structure]
     if cls is BlockExit:
-        return cls(config, exit_config, vocab_size, tp_group, layer_offset=layer_offset)
+        return cls(config, exit_config, vocab_size, tp_group, layer_offset, vp_stage)
     return cls(config, exit_config, vocab_size, tp_group)

@@ -113,6 +113,7 @@ class EarlyExitGPTModel(GPTModel):
                     vocab_size,
                     tp_group=self.pg_collection.tp,
                     layer_offset=self.layer_offset,
+                    vp_stage=vp_stage,
                 )
                 for e in self.local_exit_configs
             }
@@ -126,7 +127,14 @@ class EarlyExitGPTModel(GPTModel):
     def _build_exit_embedding_copy(self, vocab_size: int) -> torch.nn.Parameter | None:
         """A copy of the word embedding for tied exits on a stage without embedding or head."""
         has_tied = any(not e.untied for e in self.local_exit_configs)
-        if not has_tied or self.pre_process or self.post_process:
+        if self.pre_process or self.post_process:
+            return None
+        if not has_tied:
+            if self._is_in_embd_group():
+                raise ValueError(
+                    "this middle pipeline stage is in the embedding group but hosts no tied exit "
+                    "head; pass platform.initialize(embedding_stages=tied_exit_stages(config))"
+                )
             return None
         if not self._is_in_embd_group():
             raise ValueError(
@@ -309,10 +317,12 @@ class EarlyExitGPTModel(GPTModel):
             return logits.transpose(0, 1).contiguous()  # [s, b, v] -> [b, s, v]
         if exit_config.temperature != 1.0:
             logits = logits / exit_config.temperature
-        loss = self.compute_language_model_loss(labels, logits)
+        confidence = None
         if self.config.dynamic_exit_loss_weight:
-            loss = loss * vocab_parallel_max_prob(logits, self.pg_collection.tp).transpose(0, 1)
-        return loss
+            # Before the cross entropy: megatron's vocab-parallel CE overwrites its fp32 input.
+            confidence = vocab_parallel_max_prob(logits, self.pg_collection.tp).transpose(0, 1)
+        loss = self.compute_language_model_loss(labels, logits)
+        return loss if confidence is None else loss * confidence
 
 
 def _record_layer_input(recorded, depth, module, args, kwargs):

@@ -141,9 +141,11 @@ def train_step(trainer: Trainer, microbatches: list[dict]) -> IterationMetrics:
     trainer.optimizer.zero_grad()
     lm_loss, exit_losses = forward_backward(trainer, microbatches)
     finalize_model_grads([trainer.model])
-    _, grad_norm, _ = trainer.optimizer.step()
+    update_successful, grad_norm, _ = trainer.optimizer.step()
     weights = exit_loss_weights(trainer.config, trainer.iteration)
-    trainer.scheduler.step(increment=1)
+    lr = trainer.optimizer.param_groups[0]["lr"]
+    if update_successful:  # an fp16 overflow skips the update and the schedule step
+        trainer.scheduler.step(increment=1)
     trainer.iteration += 1
     tokens = sum(b["input_ids"].numel() for b in microbatches)
     return IterationMetrics(
@@ -151,7 +153,7 @@ def train_step(trainer: Trainer, microbatches: list[dict]) -> IterationMetrics:
         lm_loss=lm_loss if trainer.config.include_final_loss else None,
         exit_losses=exit_losses,
         exit_weights=weights,
-        lr=trainer.optimizer.param_groups[0]["lr"],
+        lr=lr,
         grad_norm=None if grad_norm is None else float(grad_norm),
         tokens_per_second=tokens / (time.perf_counter() - start),
     )
