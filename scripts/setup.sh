@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-EXTRAS=${EE_LLM_EXTRAS:-dev,server}
+EXTRAS=${EE_LLM_EXTRAS:-dev,server,hf}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 
 if [ ! -x .venv/bin/python ]; then
