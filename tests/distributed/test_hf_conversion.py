@@ -40,10 +40,12 @@ def _hf_model(family: str):
             bos_token_id=0, eos_token_id=0,
         )  # fmt: skip
         model = GPT2LMHeadModel(config)
-    with torch.no_grad():  # norms not the identity, biases not zero
+    with torch.no_grad():  # attention far from uniform, norms not the identity, biases not 0
         for param in model.parameters():
             if param.dim() == 1:
                 param.add_(0.1 * torch.randn_like(param))
+            else:
+                param.normal_(0.0, 0.15)
     return model.float().eval()
 
 
