@@ -1,12 +1,12 @@
-"""A single-pipeline-stage training loop on megatron-core's DDP, optimizer and LR scheduler.
+"""A training loop on megatron-core's DDP, optimizer and LR scheduler.
 
 Per iteration with ``M`` microbatches the loop minimises
 
     (1/M) * sum_j [ include_final * L_final_j + sum_i w_i(t) * L_i_j ]
 
 with masked-mean token losses and the exit weights of :mod:`megatron.early_exit.model.losses`.
-It runs on any TP/DP layout with PP=1; the pipeline schedule plugs in at
-:func:`forward_backward` for PP>1.
+It runs on any TP/DP/PP layout: :func:`forward_backward` hands each iteration to the
+early-exit pipeline schedule (``pipeline/schedule.py``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,10 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron.early_exit.config import EarlyExitTransformerConfig
 from megatron.early_exit.model.gpt_model import EarlyExitGPTModel
-from megatron.early_exit.model.losses import exit_loss_weights, masked_mean, weighted_total_loss
+from megatron.early_exit.model.losses import exit_loss_weights
+from megatron.early_exit.pipeline.bubble_fill import FillConfig
+from megatron.early_exit.pipeline.executor import ExecutionOptions
+from megatron.early_exit.pipeline.schedule import run_pipeline
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,9 @@ class Trainer:
     config: EarlyExitTransformerConfig
     training: TrainingConfig
     iteration: int = 0
+    mode: str = "train"  # "tune" for EE-Tuning (frozen backbone)
+    fill: FillConfig | None = None
+    defer_exits: bool = True
 
 
 def setup_trainer(model: EarlyExitGPTModel, training: TrainingConfig) -> Trainer:
@@ -107,31 +113,35 @@ def setup_trainer(model: EarlyExitGPTModel, training: TrainingConfig) -> Trainer
     return Trainer(ddp, optimizer, scheduler, config, training)
 
 
-def forward_backward(trainer: Trainer, microbatches: list[dict]) -> tuple[float | None, dict]:
-    """Forward and backward over the microbatches of one iteration (PP=1).
+def forward_backward(
+    trainer: Trainer, microbatches: list[dict], fill_microbatches: list[dict] = ()
+) -> tuple[float | None, dict[int, float]]:
+    """Forward and backward of one iteration through the early-exit pipeline schedule (any PP).
 
-    Returns the mean final loss and the mean loss of every exit, as floats.
+    Returns the mean final loss and the mean loss of every exit over the pipeline.
     """
-    weights = exit_loss_weights(trainer.config, trainer.iteration)
-    num = len(microbatches)
-    final_sum, exit_sums = 0.0, {}
-    for batch in microbatches:
-        final, exits = trainer.model(
-            batch["input_ids"],
-            batch["position_ids"],
-            batch["attention_mask"],
-            labels=batch["labels"],
-        )
-        final_loss = masked_mean(final, batch["loss_mask"])
-        exit_losses = {d: masked_mean(v, batch["loss_mask"]) for d, v in exits.items()}
-        total = weighted_total_loss(
-            final_loss, exit_losses, weights, trainer.config.include_final_loss
-        )
-        (total / num).backward()
-        final_sum += final_loss.item()
-        for depth, loss in exit_losses.items():
-            exit_sums[depth] = exit_sums.get(depth, 0.0) + loss.item()
-    return final_sum / num, {d: s / num for d, s in exit_sums.items()}
+    options = ExecutionOptions(
+        exit_weights=exit_loss_weights(trainer.config, trainer.iteration),
+        include_final_loss=trainer.config.include_final_loss,
+        loss_scale=float(trainer.optimizer.get_loss_scale()),
+        defer_exits=trainer.defer_exits,
+        num_microbatches=len(microbatches),
+    )
+    means = run_pipeline(
+        trainer.model,
+        trainer.config,
+        microbatches,
+        options,
+        mode=trainer.mode,
+        fill=trainer.fill,
+        fill_microbatches=fill_microbatches,
+    )
+    return _split_losses(means)
+
+
+def _split_losses(means: dict[str, float]) -> tuple[float | None, dict[int, float]]:
+    exits = {int(k[len("exit_") :]): v for k, v in means.items() if k.startswith("exit_")}
+    return means.get("final"), dict(sorted(exits.items()))
 
 
 def train_step(trainer: Trainer, microbatches: list[dict]) -> IterationMetrics:
@@ -180,18 +190,10 @@ def train(
 
 @torch.no_grad()
 def evaluate(trainer: Trainer, microbatches: list[dict]) -> dict[str, float]:
-    """Mean final loss and every exit's loss on held-out microbatches (forward only)."""
+    """Mean final loss and every exit's loss on held-out microbatches (forward only, any PP)."""
     trainer.model.eval()
-    final_sum, exit_sums = 0.0, {}
-    for batch in microbatches:
-        final, exits = trainer.model(
-            batch["input_ids"], batch["position_ids"], batch["attention_mask"],
-            labels=batch["labels"],
-        )  # fmt: skip
-        final_sum += masked_mean(final, batch["loss_mask"]).item()
-        for depth, loss in exits.items():
-            loss = masked_mean(loss, batch["loss_mask"]).item()
-            exit_sums[depth] = exit_sums.get(depth, 0.0) + loss
+    options = ExecutionOptions(exit_weights={}, num_microbatches=len(microbatches))
+    means = run_pipeline(trainer.model, trainer.config, microbatches, options, mode="eval")
     trainer.model.train()
-    num = len(microbatches)
-    return {"lm_loss": final_sum / num, **{f"exit_{d}": s / num for d, s in exit_sums.items()}}
+    final, exits = _split_losses(means)
+    return {"lm_loss": final, **{f"exit_{d}": v for d, v in exits.items()}}

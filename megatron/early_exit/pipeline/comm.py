@@ -1,0 +1,60 @@
+"""Point-to-point communication between adjacent pipeline stages.
+
+Ranks are always *group-relative* (``group_dst``/``group_src`` on the pipeline group), so the
+same code runs with TP > 1 and several data-parallel pipelines (the original EE-LLM assumed the
+pipeline was global ranks 0..P-1). Sends are non-blocking and receives blocking, which is the
+model the lock-step simulator (``pipeline/simulate.py``) verifies plans against; a stage waits for
+its outstanding sends at the end of each iteration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class StageCommunicator:
+    """Sends and receives activations/gradients of one stage within its pipeline group."""
+
+    group: object
+    stage: int
+    num_stages: int
+    device: torch.device
+    _pending: list = field(default_factory=list)
+
+    def send_next(self, tensor: torch.Tensor) -> None:
+        """Send an activation to stage + 1 (non-blocking)."""
+        self._isend(tensor, self.stage + 1)
+
+    def send_prev(self, tensor: torch.Tensor) -> None:
+        """Send an input gradient to stage - 1 (non-blocking)."""
+        self._isend(tensor, self.stage - 1)
+
+    def recv_prev(self, shape, dtype) -> torch.Tensor:
+        """Receive an activation from stage - 1 (blocking)."""
+        return self._recv(shape, dtype, self.stage - 1)
+
+    def recv_next(self, shape, dtype) -> torch.Tensor:
+        """Receive an output gradient from stage + 1 (blocking)."""
+        return self._recv(shape, dtype, self.stage + 1)
+
+    def wait_all(self) -> None:
+        """Wait until every send posted so far has completed."""
+        for work, _ in self._pending:
+            work.wait()
+        self._pending.clear()
+
+    def _isend(self, tensor: torch.Tensor, peer: int) -> None:
+        assert 0 <= peer < self.num_stages, (self.stage, peer)
+        tensor = tensor.detach().contiguous()
+        work = dist.isend(tensor, group=self.group, group_dst=peer)
+        self._pending.append((work, tensor))  # keep the buffer alive until the send completes
+
+    def _recv(self, shape, dtype, peer: int) -> torch.Tensor:
+        assert 0 <= peer < self.num_stages, (self.stage, peer)
+        tensor = torch.empty(shape, dtype=dtype, device=self.device)
+        dist.recv(tensor, group=self.group, group_src=peer)
+        return tensor
