@@ -202,12 +202,16 @@ class EarlyExitGPTModel(GPTModel):
         exit_depths: Iterable[int] | None = None,
         defer_exits: bool = False,
         loss_mask: torch.Tensor | None = None,
+        stop_after_exits: bool = False,
     ):
         """Run this stage; see the module docstring for what is returned.
 
         Args:
             exit_depths: which local exits to evaluate (default: all of this stage's exits).
             defer_exits: return :class:`PendingExit` objects instead of computing the exits.
+            stop_after_exits: skip the layers after the deepest exit asked for (EE-Tuning on
+                the deepest stage with exits: nothing after it has a loss). ``output`` is then
+                None. Only without autograd, where abandoning the forward leaves no graph.
         """
         decoder_input, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin, seq_offset, _ = (
             self._preprocess(
@@ -219,6 +223,10 @@ class EarlyExitGPTModel(GPTModel):
             )[:6]
         )
         wanted = self._select_exits(exit_depths)
+        if stop_after_exits:
+            return self._forward_until_exits(
+                wanted, decoder_input, attention_mask, rotary_pos_emb, labels, defer_exits
+            )
         with self._record_exit_inputs(wanted) as recorded:
             hidden_states = self.decoder(
                 hidden_states=decoder_input,
@@ -258,6 +266,37 @@ class EarlyExitGPTModel(GPTModel):
         if defer_exits:
             return output, pending
         return output, {depth: p.compute() for depth, p in pending.items()}
+
+    def _forward_until_exits(
+        self, wanted, decoder_input, attention_mask, rotary_pos_emb, labels, defer_exits
+    ):
+        if torch.is_grad_enabled():
+            raise ValueError("stop_after_exits: only supported without autograd (EE-Tuning)")
+        if not wanted:
+            raise ValueError("stop_after_exits: this stage evaluates no exit")
+        deepest = max(wanted, key=lambda e: e.depth)
+        layer = self.decoder.layers[deepest.layer_number - self.layer_offset - 1]
+        with self._record_exit_inputs(wanted) as recorded:
+            handle = (
+                layer.register_forward_pre_hook(_stop_forward)
+                if deepest.pre_exit
+                else layer.register_forward_hook(_stop_forward)
+            )
+            try:
+                self.decoder(
+                    hidden_states=decoder_input,
+                    attention_mask=attention_mask,
+                    rotary_pos_emb=rotary_pos_emb,
+                )
+            except _ExitInputsRecorded:
+                pass
+            finally:
+                handle.remove()
+        inputs = LayerInputs(attention_mask, rotary_pos_emb)
+        pending = {d: PendingExit(self, d, recorded[d], inputs, labels) for d in sorted(recorded)}
+        if defer_exits:
+            return None, pending
+        return None, {depth: p.compute() for depth, p in pending.items()}
 
     def _select_exits(self, exit_depths: Iterable[int] | None) -> tuple[ExitHeadConfig, ...]:
         if exit_depths is None:
@@ -323,6 +362,14 @@ class EarlyExitGPTModel(GPTModel):
             confidence = vocab_parallel_max_prob(logits, self.pg_collection.tp).transpose(0, 1)
         loss = self.compute_language_model_loss(labels, logits)
         return loss if confidence is None else loss * confidence
+
+
+class _ExitInputsRecorded(Exception):
+    """Raised by a hook to abandon the rest of a no-grad forward once every exit input is in."""
+
+
+def _stop_forward(*_args):
+    raise _ExitInputsRecorded
 
 
 def _record_layer_input(recorded, depth, module, args, kwargs):

@@ -127,7 +127,9 @@ class StageExecutor:
         # Frozen backbone: no graph through it; exits record detached hidden states.
         with torch.no_grad():
             self._receive_input(action, requires_grad=False)
-            output, pending = self._model_forward(batch, defer=True)
+            # Nothing after this stage's deepest exit has a loss unless a later stage needs it.
+            stop = not action.send_output_to_next
+            output, pending = self._model_forward(batch, defer=True, stop_after_exits=stop)
             if action.send_output_to_next:
                 self.comm.send_next(output)
         self._store[(action.kind, action.microbatch)] = _Stored(None, output, pending, batch)
@@ -136,17 +138,18 @@ class StageExecutor:
 
     def _backward(self, action: Action, batch: dict, losses: StageLosses) -> None:
         stored = self._store.pop((FORWARD_OF[action.kind], action.microbatch))
-        scalar = self._exit_term(stored, losses)
+        terms = self._exit_terms(stored, losses)
         if action.kind is ActionKind.BACKWARD and self.module.post_process:
             final = masked_mean(stored.output, batch["loss_mask"])
             losses.add("final", final)
             if self.options.include_final_loss:
-                scalar = scalar + self._scale(final)
+                terms.append(self._scale(final))
         tensors, grads = [], []
         if action.recv_grad_from_next:
             tensors.append(stored.output)
             grads.append(self.comm.recv_next(self.activation_shape, self.activation_dtype))
-        if scalar.requires_grad:
+        scalar = torch.stack(terms).sum() if terms else None
+        if scalar is not None and scalar.requires_grad:
             tensors.append(scalar)
             grads.append(torch.ones_like(scalar))
         if tensors:
@@ -154,15 +157,15 @@ class StageExecutor:
         if action.send_grad_to_prev:
             self.comm.send_prev(stored.input_tensor.grad)
 
-    def _exit_term(self, stored: _Stored, losses: StageLosses) -> torch.Tensor:
-        """scale/M * sum_i w_i * L_i over this stage's exits (computing deferred exits now)."""
-        term = torch.zeros((), dtype=torch.float32, device=stored.output.device)
+    def _exit_terms(self, stored: _Stored, losses: StageLosses) -> list[torch.Tensor]:
+        """scale/M * w_i * L_i for this stage's exits (computing deferred exits now)."""
+        terms = []
         for depth, value in stored.exits.items():
             per_token = value.compute() if hasattr(value, "compute") else value
             loss = masked_mean(per_token, stored.batch["loss_mask"])
             losses.add(f"exit_{depth}", loss)
-            term = term + self._scale(self.options.exit_weights[depth] * loss)
-        return term
+            terms.append(self._scale(self.options.exit_weights[depth] * loss))
+        return terms
 
     def _scale(self, loss: torch.Tensor) -> torch.Tensor:
         return loss * (self.options.loss_scale / self.options.num_microbatches)
@@ -177,13 +180,14 @@ class StageExecutor:
         self.module.set_input_tensor(tensor)
         return tensor
 
-    def _model_forward(self, batch: dict, defer: bool):
+    def _model_forward(self, batch: dict, defer: bool, stop_after_exits: bool = False):
         return self.model(
             batch["input_ids"],
             batch["position_ids"],
             batch["attention_mask"],
             labels=batch["labels"],
             defer_exits=defer,
+            stop_after_exits=stop_after_exits,
         )
 
 

@@ -78,9 +78,41 @@ class Trainer:
     defer_exits: bool = True
 
 
-def setup_trainer(model: EarlyExitGPTModel, training: TrainingConfig) -> Trainer:
-    """Wrap ``model`` in megatron-core's DDP and build its Adam optimizer and LR scheduler."""
+def freeze_backbone(model: EarlyExitGPTModel) -> list[str]:
+    """EE-Tuning: only exit-head parameters stay trainable. Returns their names.
+
+    Tied exit heads project with the (frozen) word embedding; only their norm/MLP/layer train.
+    """
+    trainable = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith("exit_heads."))
+        if param.requires_grad:
+            trainable.append(name)
+    return trainable
+
+
+def setup_trainer(
+    model: EarlyExitGPTModel,
+    training: TrainingConfig,
+    *,
+    mode: str = "train",
+    fill: FillConfig | None = None,
+    defer_exits: bool = True,
+) -> Trainer:
+    """Wrap ``model`` in megatron-core's DDP and build its Adam optimizer and LR scheduler.
+
+    ``mode="tune"`` is EE-Tuning: the backbone is frozen before DDP sees it (no gradient buffers,
+    no optimizer state for it), the final loss must be off, and the pipeline runs the tuning plan.
+    """
     config = model.config
+    if mode not in ("train", "tune"):
+        raise ValueError(f"mode: expected 'train' or 'tune', got {mode!r}")
+    if mode == "tune":
+        if config.include_final_loss:
+            raise ValueError("include_final_loss: EE-Tuning trains exits only; set it to False")
+        if fill is not None:
+            raise ValueError("fill: bubble filling applies to full training, not EE-Tuning")
+        freeze_backbone(model)  # a stage without exits has nothing to train, which is fine
     ddp = DistributedDataParallel(config, DistributedDataParallelConfig(), model)
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
@@ -110,7 +142,7 @@ def setup_trainer(model: EarlyExitGPTModel, training: TrainingConfig) -> Trainer
         wd_incr_steps=training.train_iters,
         wd_incr_style="constant",
     )
-    return Trainer(ddp, optimizer, scheduler, config, training)
+    return Trainer(ddp, optimizer, scheduler, config, training, 0, mode, fill, defer_exits)
 
 
 def forward_backward(
