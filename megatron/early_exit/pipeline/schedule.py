@@ -39,7 +39,8 @@ def run_pipeline(
     fill_microbatches: list[dict] = (),
 ) -> dict[str, float]:
     """Run this stage's part of one iteration; returns the mean of every loss any stage computed
-    (``final`` and ``exit_<depth>``), identical on all ranks of the pipeline."""
+    (``final`` and ``exit_<depth>``) over microbatches and data-parallel replicas, identical on
+    every rank."""
     num_stages = parallel_state.get_pipeline_model_parallel_world_size()
     stage = parallel_state.get_pipeline_model_parallel_rank()
     plan = build_plan(
@@ -55,7 +56,19 @@ def run_pipeline(
         model, communicator, activation_shape(config, microbatches[0]), dtype, options
     )
     losses = executor.run(plan, microbatches, list(fill_microbatches))
-    return _merge_over_pipeline(losses.means(), num_stages)
+    return _average_over_data_parallel(_merge_over_pipeline(losses.means(), num_stages))
+
+
+def _average_over_data_parallel(losses: dict[str, float]) -> dict[str, float]:
+    """Mean of each reported loss over the data-parallel replicas (for logging)."""
+    group = parallel_state.get_data_parallel_group()
+    if not dist.is_initialized() or dist.get_world_size(group) == 1 or not losses:
+        return losses
+    names = sorted(losses)
+    values = torch.tensor([losses[n] for n in names], dtype=torch.float64)
+    dist.all_reduce(values, group=group)
+    values /= dist.get_world_size(group)
+    return dict(zip(names, values.tolist()))
 
 
 def _merge_over_pipeline(local: dict[str, float], num_stages: int) -> dict[str, float]:

@@ -98,6 +98,7 @@ def setup_trainer(
     mode: str = "train",
     fill: FillConfig | None = None,
     defer_exits: bool = True,
+    distributed_optimizer: bool = False,
 ) -> Trainer:
     """Wrap ``model`` in megatron-core's DDP and build its Adam optimizer and LR scheduler.
 
@@ -113,7 +114,8 @@ def setup_trainer(
         if fill is not None:
             raise ValueError("fill: bubble filling applies to full training, not EE-Tuning")
         freeze_backbone(model)  # a stage without exits has nothing to train, which is fine
-    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(), model)
+    ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=distributed_optimizer)
+    ddp = DistributedDataParallel(config, ddp_config, model)
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
             optimizer="adam",
@@ -123,6 +125,7 @@ def setup_trainer(
             adam_beta1=training.adam_beta1,
             adam_beta2=training.adam_beta2,
             clip_grad=training.clip_grad,
+            use_distributed_optimizer=distributed_optimizer,
             bf16=config.bf16,
             fp16=config.fp16,
             params_dtype=config.params_dtype,
