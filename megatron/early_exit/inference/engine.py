@@ -1,0 +1,136 @@
+"""One decoding step of an early-exit model, with the layers run by hand.
+
+:meth:`Engine.forward` feeds new tokens at the end of a :class:`KVCache` and walks the depths
+``0..L``: before layer ``l`` the cache's pending positions whose K/V stops at ``l - 1`` join the
+chunk (catch-up of skipped layers, from their stored hidden states); after layer ``l`` every exit
+the caller asked for at depth ``l`` runs on the chunk (a block exit writes its own KV slot for
+every chunk position) and its logits at the last positions go to the caller's ``on_exit``
+callback, which may end the step there. A step that reaches depth ``L`` without being stopped
+ends with the final norm and head. Logits are gathered over tensor parallelism
+(``runtime_gather_output=True``), so every TP rank sees the same logits and decides alike.
+
+Multi-token chunks at an offset get an explicit ``[b, 1, n, offset + n]`` bool mask (megatron's
+local attention ignores the mask type once the offset is non-zero) and per-row RoPE tables, so
+left-padded rows get their own positions. Only pipeline-parallel size 1 is supported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from megatron.early_exit.inference.kv_cache import KVCache
+from megatron.early_exit.model.exit_heads import BlockExit, LayerInputs
+
+ExitCallback = Callable[[int, torch.Tensor], bool]
+"""``on_exit(depth, logits[b, m, V]) -> stop``: called at each requested exit, in depth order."""
+
+
+@dataclass
+class StepOutput:
+    """What one :meth:`Engine.forward` computed."""
+
+    depth: int
+    """Backbone layers the step ran (``num_layers`` when it reached the final head)."""
+    final_logits: torch.Tensor | None
+    """``[b, m, V]`` final-head logits of the last ``m`` positions, or None if stopped early."""
+
+
+class Engine:
+    """Runs an :class:`EarlyExitGPTModel` (PP=1) step by step over a :class:`KVCache`."""
+
+    def __init__(self, model) -> None:
+        config = model.config
+        if config.pipeline_model_parallel_size != 1:
+            raise ValueError("the generation engine supports pipeline_model_parallel_size=1 only")
+        if config.sequence_parallel:
+            raise ValueError("the generation engine does not support sequence_parallel")
+        self.model = model
+        self.num_layers = config.num_layers
+        self.exit_configs = {e.depth: e for e in model.local_exit_configs}
+        self.uses_rope = getattr(model, "position_embedding_type", "") == "rope"
+
+    def new_cache(self, pad_lengths: torch.Tensor, max_sequence_length: int) -> KVCache:
+        """An empty cache for left-padded rows; also prepares their per-row RoPE tables."""
+        cache = KVCache(pad_lengths, max_sequence_length, self.num_layers)
+        if self.uses_rope:
+            table = self.model.rotary_pos_emb(max_sequence_length)  # [s, 1, 1, d]
+            positions = cache.position_ids(0, max_sequence_length).t().to(table.device)
+            cache.rotary_pos_emb = table[:, 0][positions]  # [s, b, 1, d]: per-row positions
+        return cache
+
+    @torch.no_grad()
+    def forward(
+        self,
+        cache: KVCache,
+        tokens: torch.Tensor,
+        exit_depths: Sequence[int] = (),
+        on_exit: ExitCallback | None = None,
+        num_logits: int = 1,
+    ) -> StepOutput:
+        """Feed ``tokens[b, n]`` at ``cache.length``; see the module docstring.
+
+        Args:
+            exit_depths: exits to run when the step passes their depth (block exits fill their
+                KV for every chunk position; the others only see the last positions).
+            on_exit: decides whether the step stops after an exit; None never stops.
+            num_logits: how many trailing positions' logits exits and the final head return.
+        """
+        start = cache.length
+        position_ids = cache.position_ids(start, tokens.shape[1]).to(tokens.device)
+        hidden = self.model.embedding(input_ids=tokens, position_ids=position_ids)  # [n, b, h]
+        depths = sorted(exit_depths)
+        for depth in range(self.num_layers + 1):
+            if depth > 0:
+                start, hidden = self._join_pending(cache, depth, start, hidden)
+                layer = self.model.decoder.layers[depth - 1]
+                hidden, _ = layer(hidden_states=hidden, **self._layer_inputs(cache, start, hidden))
+            if depth in depths:
+                logits = self._exit_logits(cache, depth, start, hidden, num_logits)
+                if on_exit is not None and on_exit(depth, logits):
+                    cache.update(start, depth, hidden)
+                    return StepOutput(depth, None)
+        cache.update(start, self.num_layers, hidden)
+        return StepOutput(self.num_layers, self._final_logits(hidden, num_logits))
+
+    def _join_pending(self, cache: KVCache, depth: int, start: int, hidden: torch.Tensor):
+        """Prepend the pending positions that skipped layer ``depth`` (their catch-up)."""
+        first, pending = cache.catch_up(depth)
+        if pending is None or first >= start:
+            return start, hidden
+        assert first + pending.shape[0] == start, (first, pending.shape, start)
+        return first, torch.cat([pending, hidden], dim=0)
+
+    def _layer_inputs(self, cache: KVCache, start: int, hidden: torch.Tensor) -> dict:
+        cache.context.sequence_len_offset = start  # where this chunk's K/V are written
+        inputs = LayerInputs(
+            attention_mask=cache.attention_mask(start, hidden.shape[0], hidden.device),
+            rotary_pos_emb=cache.rotary_pos_emb,
+            inference_context=cache.context,
+        )
+        return inputs.as_kwargs()
+
+    def _exit_logits(self, cache, depth, start, hidden, num_logits) -> torch.Tensor:
+        """Logits ``[b, m, V]`` of the exit at ``depth`` for the last ``m`` chunk positions."""
+        head = self.model.exit_heads[self.exit_configs[depth].key]
+        if isinstance(head, BlockExit):  # its layer needs every position (KV), then slice
+            layer_inputs = LayerInputs(**self._layer_inputs(cache, start, hidden))
+            states = head.transform(hidden, layer_inputs)[-num_logits:]
+        else:
+            states = head.transform(hidden[-num_logits:], None)
+        weight = None if head.exit_config.untied else self.model.tied_exit_weight()
+        logits, _ = head.output_layer(states, weight=weight, runtime_gather_output=True)
+        return logits.transpose(0, 1).float()  # [m, b, V] -> [b, m, V]
+
+    def _final_logits(self, hidden: torch.Tensor, num_logits: int) -> torch.Tensor:
+        model = self.model
+        states = hidden[-num_logits:]
+        if model.decoder.final_layernorm is not None:
+            states = model.decoder.final_layernorm(states)
+        weight = None
+        if model.share_embeddings_and_output_weights:
+            weight = model.shared_embedding_or_output_weight()
+        logits, _ = model.output_layer(states, weight=weight, runtime_gather_output=True)
+        return logits.transpose(0, 1).float()  # [m, b, V] -> [b, m, V]

@@ -1,0 +1,221 @@
+"""How the KV of layers a token skipped gets filled: one policy object per decoding method.
+
+Every policy has the same interface, ``step(engine, cache, state) -> Emitted``: feed
+``state.inputs`` (the prompt, then each row's last emitted token), and return the next token(s)
+of every row. The fill strategies (see ``docs/kv_cache_policy.md``):
+
+* :class:`FullDepth`: never exits; every position runs through every layer.
+* :class:`KVRecompute` (EE-LLM's method for PP=1): a step stops as soon as every active row has
+  exited (the batch runs as deep as its deepest row; each row keeps the token of its own first
+  qualifying exit). Positions left short of the last layer stay pending in the cache and are
+  pushed through the layers they skipped, together with the next token, before those layers
+  read the cache.
+* :class:`SelfSpeculative`: an exit drafts ``k`` tokens (layers up to the exit), one full-depth
+  pass verifies them and fills every layer's KV of the drafted positions; the cache rolls back
+  past the first rejected draft. Lossless: greedy output equals full-model greedy.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from megatron.early_exit.inference.decide import ExitPolicy, should_exit
+from megatron.early_exit.inference.engine import Engine
+from megatron.early_exit.inference.kv_cache import KVCache
+from megatron.early_exit.inference.sampling import (
+    greedy_verify,
+    sample,
+    sampling_logprobs,
+    speculative_accept,
+    token_logprobs,
+)
+
+
+class RowSampler:
+    """Sampling settings of a request and one generator per row.
+
+    Per-row generators make every row's random stream independent of the batch it runs in, so a
+    row samples the same tokens batched or alone (given the same seed).
+    """
+
+    def __init__(self, temperature: float, top_k: int, top_p: float, seeds: Sequence[int]):
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def sample(self, logits: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Tokens and log-probs ``[b]`` for the ``rows`` (bool ``[b]``) of ``logits[b, V]``."""
+        tokens = torch.zeros(logits.shape[0], dtype=torch.long)
+        logprobs = torch.zeros(logits.shape[0])
+        for row in rows.nonzero().flatten().tolist():
+            token, logprob = sample(
+                logits[row : row + 1].cpu(), self.temperature, self.top_k, self.top_p,
+                generator=self.generators[row],
+            )  # fmt: skip
+            tokens[row], logprobs[row] = token[0], logprob[0]
+        return tokens, logprobs
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """The distribution ``sample`` draws from, for ``logits[..., V]``."""
+        flat = logits.reshape(-1, logits.shape[-1]).cpu()
+        lp = sampling_logprobs(flat, self.temperature, self.top_k, self.top_p)
+        return lp.exp().view(*logits.shape[:-1], -1)
+
+    def logprob(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Reported log-prob of ``tokens[b]`` under ``logits[b, V]``, as ``sample`` reports it."""
+        if self.greedy:
+            return token_logprobs(logits.cpu(), tokens)
+        lp = sampling_logprobs(logits.cpu(), self.temperature, self.top_k, self.top_p)
+        return lp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+@dataclass
+class DecodeState:
+    """The batch between steps."""
+
+    inputs: torch.Tensor
+    """``[b, n]`` tokens not fed yet: the left-padded prompts, then each row's last token."""
+    active: torch.Tensor
+    """``[b]`` bool: rows still generating (finished rows ride along, ignored)."""
+    sampler: RowSampler
+
+
+@dataclass
+class Emitted:
+    """The tokens a step produced, ``[b, t]`` each (``t`` is the same for every row)."""
+
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+    exit_depths: torch.Tensor
+    """Depth of the head that chose each token (``num_layers`` for the final head)."""
+
+
+class KVFillPolicy(ABC):
+    """A decoding method: how a step runs and how skipped layers' KV gets filled."""
+
+    @abstractmethod
+    def step(self, engine: Engine, cache: KVCache, state: DecodeState) -> Emitted:
+        """Feed ``state.inputs`` and return each row's next token(s)."""
+
+
+def _one_token(tokens, logprobs, depths) -> Emitted:
+    return Emitted(tokens.unsqueeze(1), logprobs.unsqueeze(1), depths.unsqueeze(1))
+
+
+class FullDepth(KVFillPolicy):
+    """Never exit: every token from the final head, every layer's KV written at once."""
+
+    def step(self, engine: Engine, cache: KVCache, state: DecodeState) -> Emitted:
+        out = engine.forward(cache, state.inputs)
+        tokens, logprobs = state.sampler.sample(out.final_logits[:, -1], state.active)
+        return _one_token(tokens, logprobs, torch.full_like(tokens, engine.num_layers))
+
+
+class KVRecompute(KVFillPolicy):
+    """Per-row early exit; pending positions catch up through skipped layers next step."""
+
+    def __init__(self, exit_policy: ExitPolicy, exit_depths: Sequence[int]):
+        self.exit_policy = exit_policy
+        self.exit_depths = tuple(d for d in sorted(exit_depths) if exit_policy.allows(d))
+
+    def step(self, engine: Engine, cache: KVCache, state: DecodeState) -> Emitted:
+        batch_size = state.inputs.shape[0]
+        tokens = torch.zeros(batch_size, dtype=torch.long)
+        logprobs = torch.zeros(batch_size)
+        depths = torch.full((batch_size,), engine.num_layers, dtype=torch.long)
+        undecided = state.active.clone()
+
+        def on_exit(depth: int, logits: torch.Tensor) -> bool:
+            fired = should_exit(depth, logits[:, -1].cpu(), self.exit_policy, undecided)
+            if fired.any():
+                new_tokens, new_logprobs = state.sampler.sample(logits[:, -1], fired)
+                tokens[fired], logprobs[fired], depths[fired] = (
+                    new_tokens[fired], new_logprobs[fired], depth,
+                )  # fmt: skip
+                undecided.copy_(undecided & ~fired)
+            return not bool(undecided.any())
+
+        out = engine.forward(cache, state.inputs, self.exit_depths, on_exit)
+        if out.final_logits is not None:
+            new_tokens, new_logprobs = state.sampler.sample(out.final_logits[:, -1], undecided)
+            tokens[undecided], logprobs[undecided] = new_tokens[undecided], new_logprobs[undecided]
+        return _one_token(tokens, logprobs, depths)
+
+
+class SelfSpeculative(KVFillPolicy):
+    """Draft ``num_draft_tokens`` with the exit at ``draft_depth``, verify with the full model.
+
+    All rows of a batch keep the same number of tokens per round (the smallest accepted prefix
+    among the active rows, plus one token), so the batch shares one cache length. Truncating a
+    row's accepted prefix early is still lossless: each kept token was accepted (or drawn from
+    the target) given exactly the prefix before it.
+    """
+
+    def __init__(self, draft_depth: int, num_draft_tokens: int):
+        if num_draft_tokens < 1:
+            raise ValueError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}")
+        self.draft_depth = draft_depth
+        self.num_draft_tokens = num_draft_tokens
+
+    def step(self, engine: Engine, cache: KVCache, state: DecodeState) -> Emitted:
+        if state.inputs.shape[1] > 1:  # prefill: one full-depth step (fills the draft exit too)
+            out = engine.forward(cache, state.inputs, (self.draft_depth,))
+            tokens, logprobs = state.sampler.sample(out.final_logits[:, -1], state.active)
+            return _one_token(tokens, logprobs, torch.full_like(tokens, engine.num_layers))
+        start = cache.length
+        drafts, draft_probs = self._draft(engine, cache, state)
+        out = engine.forward(
+            cache, drafts[:, -1:], (self.draft_depth,), num_logits=self.num_draft_tokens + 1
+        )
+        num_accepted, next_tokens = self._verify(drafts, draft_probs, out.final_logits, state)
+        keep = int(num_accepted[state.active].min()) if state.active.any() else 0
+        emitted = torch.cat([drafts, next_tokens.unsqueeze(1)], dim=1)[:, : keep + 1].clone()
+        emitted[:, keep] = torch.where(num_accepted == keep, next_tokens, emitted[:, keep])
+        # Positions start..start+keep (the fed token and `keep` drafts) stay; the rest roll back.
+        cache.update(start + keep + 1, engine.num_layers, torch.empty(0))
+        logprobs = torch.stack(
+            [state.sampler.logprob(out.final_logits[:, i], emitted[:, i]) for i in range(keep + 1)],
+            dim=1,
+        )
+        return Emitted(emitted, logprobs, torch.full_like(emitted, engine.num_layers))
+
+    def _draft(self, engine: Engine, cache: KVCache, state: DecodeState):
+        """Feed the last token and ``k - 1`` drafts up to the draft exit: drafts ``[b, k]``."""
+        drafts, draft_probs, inputs = [], [], state.inputs
+        captured: list[torch.Tensor] = []
+
+        def stop_here(depth: int, logits: torch.Tensor) -> bool:
+            captured.append(logits[:, -1])
+            return True
+
+        for _ in range(self.num_draft_tokens):
+            engine.forward(cache, inputs, (self.draft_depth,), stop_here)
+            logits = captured.pop()
+            tokens, _ = state.sampler.sample(logits, torch.ones_like(state.active))
+            drafts.append(tokens)
+            draft_probs.append(state.sampler.probs(logits))
+            inputs = tokens.unsqueeze(1).to(state.inputs.device)
+        return torch.stack(drafts, dim=1), torch.stack(draft_probs, dim=1)
+
+    def _verify(self, drafts, draft_probs, target_logits, state: DecodeState):
+        """``(num_accepted [b], next_tokens [b])`` from the target logits ``[b, k + 1, V]``."""
+        sampler = state.sampler
+        if sampler.greedy:
+            return greedy_verify(drafts, target_logits.cpu())
+        target_probs = sampler.probs(target_logits)
+        results = [
+            speculative_accept(
+                drafts[r : r + 1], draft_probs[r : r + 1], target_probs[r : r + 1],
+                generator=sampler.generators[r],
+            )
+            for r in range(drafts.shape[0])
+        ]  # fmt: skip
+        num_accepted = torch.cat([v.num_accepted for v in results])
+        return num_accepted, torch.cat([v.next_tokens for v in results])
