@@ -81,6 +81,16 @@ def _check_splits_not_empty(prefixes: Sequence[str], split: str, num_samples) ->
                 )
 
 
+def _drop_unrequested_splits(split: str, num_samples: Sequence[int | None]) -> str:
+    """Zero the weight of splits asked for 0 samples: megatron-core would still build them, and
+    an empty split (e.g. 0.1% of a small corpus) makes GPTDataset loop forever."""
+    weights = parse_and_normalize_split(split)
+    kept = [0.0 if n == 0 else w for w, n in zip(weights, num_samples)]
+    if not any(kept):
+        raise ValueError(f"--split {split}: every split with samples asked for has weight 0")
+    return ",".join(repr(w) for w in kept)
+
+
 def build_gpt_datasets(
     tokenizer,
     *,
@@ -111,6 +121,7 @@ def build_gpt_datasets(
         raise ValueError(f"num_samples needs (train, valid, test) counts, got {num_samples}")
     if mock_data == (data_path is not None):
         raise ValueError("give exactly one of --data-path and --mock-data")
+    split = _drop_unrequested_splits(split, num_samples)
     blend = None
     if data_path is not None:
         blend = parse_data_path(data_path)

@@ -179,12 +179,14 @@ def _split_losses(means: dict[str, float]) -> tuple[float | None, dict[int, floa
     return means.get("final"), dict(sorted(exits.items()))
 
 
-def train_step(trainer: Trainer, microbatches: list[dict]) -> IterationMetrics:
+def train_step(
+    trainer: Trainer, microbatches: list[dict], fill_microbatches: list[dict] = ()
+) -> IterationMetrics:
     """One optimizer step: zero grads, forward/backward, reduce grads, clip, update, schedule."""
     start = time.perf_counter()
     trainer.model.zero_grad_buffer()
     trainer.optimizer.zero_grad()
-    lm_loss, exit_losses = forward_backward(trainer, microbatches)
+    lm_loss, exit_losses = forward_backward(trainer, microbatches, fill_microbatches)
     finalize_model_grads([trainer.model])
     update_successful, grad_norm, _ = trainer.optimizer.step()
     weights = exit_loss_weights(trainer.config, trainer.iteration)
@@ -192,7 +194,7 @@ def train_step(trainer: Trainer, microbatches: list[dict]) -> IterationMetrics:
     if update_successful:  # an fp16 overflow skips the update and the schedule step
         trainer.scheduler.step(increment=1)
     trainer.iteration += 1
-    tokens = sum(b["input_ids"].numel() for b in microbatches)
+    tokens = sum(b["input_ids"].numel() for b in [*microbatches, *fill_microbatches])
     return IterationMetrics(
         iteration=trainer.iteration,
         lm_loss=lm_loss if trainer.config.include_final_loss else None,

@@ -1,0 +1,339 @@
+"""Megatron / EE-LLM command-line flags, mapped onto EE-LLM's dataclasses in one place.
+
+``parse_args(argv)`` returns an argparse Namespace (the flag names users already type);
+``build_configs(args)`` turns it into an :class:`EarlyExitTransformerConfig`, a
+:class:`TrainingConfig` and the run settings. Unknown flags, conflicting flags and out-of-range
+values stop with a message that names them (argparse's ``error``: exit status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from megatron.early_exit import platform
+from megatron.early_exit.config import EarlyExitTransformerConfig, make_exit_heads
+from megatron.early_exit.data.tokenizers import TOKENIZER_TYPES
+from megatron.early_exit.pipeline.bubble_fill import FillConfig
+from megatron.early_exit.training.loop import TrainingConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pretrain_early_exit_gpt.py",
+        description="Train (or EE-Tune) an early-exit GPT with megatron-core.",
+        allow_abbrev=False,
+    )
+    _model_flags(parser.add_argument_group("model"))
+    _exit_flags(parser.add_argument_group("early exit"))
+    _training_flags(parser.add_argument_group("training"))
+    _parallel_flags(parser.add_argument_group("parallelism and precision"))
+    _data_flags(parser.add_argument_group("data"))
+    _checkpoint_flags(parser.add_argument_group("checkpoints and logging"))
+    return parser
+
+
+def _model_flags(group) -> None:
+    add = group.add_argument
+    add("--num-layers", type=int, default=4)
+    add("--hidden-size", type=int, default=128)
+    add(
+        "--ffn-hidden-size",
+        type=int,
+        default=None,
+        help="default: 4*h (8h/3 rounded to 64 with --swiglu)",
+    )
+    add("--num-attention-heads", type=int, default=4)
+    add("--group-query-attention", action="store_true")
+    add("--num-query-groups", type=int, default=None)
+    add("--seq-length", type=int, default=128)
+    add("--max-position-embeddings", type=int, default=None, help="default: --seq-length")
+    add("--normalization", choices=("LayerNorm", "RMSNorm"), default="LayerNorm")
+    add("--swiglu", action="store_true")
+    add(
+        "--position-embedding-type",
+        choices=("learned_absolute", "rope"),
+        default="learned_absolute",
+    )
+    add("--rotary-base", type=int, default=10000)
+    add("--untie-embeddings-and-output-weights", action="store_true")
+    add("--disable-bias-linear", action="store_true")
+    add("--hidden-dropout", type=float, default=0.1)
+    add("--attention-dropout", type=float, default=0.1)
+    add("--init-method-std", type=float, default=0.02)
+
+
+def _exit_flags(group) -> None:
+    add = group.add_argument
+    add("--exit-layer-nums", type=int, nargs="+", default=[], help="1-based layers with an exit")
+    add("--pre-exit", action="store_true", help="exits read their layer's input")
+    add("--untie-exit-output-weights", action="store_true")
+    add("--use-exit-norm", action="store_true")
+    add("--use-exit-mlp", action="store_true")
+    add("--use-exit-block", action="store_true")
+    add("--exit-layer-weight", type=float, nargs="+", default=None, help="default 1.0 each")
+    add("--exit-layer-weight-init", type=float, nargs="+", default=None, help="default 0.0 each")
+    add("--exit-layer-weight-warmup-iters", type=int, default=0)
+    add("--exit-layer-weight-warmup-style", choices=("linear", "cosine"), default="linear")
+    add("--exit-layer-temperature", type=float, nargs="+", default=None, help="default 1.0 each")
+    add("--use-dynamic-exit-layer-weight", action="store_true")
+    add("--fill-explicit-bubbles", action="store_true")
+    add("--num-fill-warmup-microbatches", type=int, default=None)
+    add("--num-fill-cooldown-microbatches", type=int, default=None)
+    add("--backward-forward-ratio", type=float, default=2.0)
+    add("--no-defer-exits", action="store_true", help="compute exits in the forward pass")
+    add("--tune-exit", action="store_true", help="EE-Tuning: train exit heads only")
+    add("--tune-exit-pipeline-parallel-size", type=int, default=None)
+
+
+def _training_flags(group) -> None:
+    add = group.add_argument
+    add("--micro-batch-size", type=int, default=8)
+    add("--global-batch-size", type=int, default=None, help="default: micro batch x DP")
+    add("--train-iters", type=int, default=300)
+    add("--lr", type=float, default=2e-3)
+    add("--min-lr", type=float, default=2e-4)
+    add("--lr-decay-style", choices=("constant", "linear", "cosine"), default="cosine")
+    add("--lr-warmup-iters", type=int, default=0)
+    add("--weight-decay", type=float, default=0.01)
+    add("--clip-grad", type=float, default=1.0)
+    add("--adam-beta1", type=float, default=0.9)
+    add("--adam-beta2", type=float, default=0.95)
+    add("--seed", type=int, default=1234)
+
+
+def _parallel_flags(group) -> None:
+    add = group.add_argument
+    add("--tensor-model-parallel-size", type=int, default=1)
+    add("--pipeline-model-parallel-size", type=int, default=1)
+    add("--sequence-parallel", action="store_true")
+    add("--use-distributed-optimizer", action="store_true")
+    add("--bf16", action="store_true")
+    add("--fp16", action="store_true")
+
+
+def _data_flags(group) -> None:
+    add = group.add_argument
+    add("--data-path", nargs="+", default=None, help="prefix, or 'w1 p1 w2 p2 ...'")
+    add("--split", default="949,50,1")
+    add("--mock-data", action="store_true")
+    add("--tokenizer-type", choices=TOKENIZER_TYPES, default=None)
+    add("--vocab-size", type=int, default=None)
+    add("--vocab-file", default=None)
+    add("--merge-file", default=None)
+    add("--tokenizer-model", default=None)
+
+
+def _checkpoint_flags(group) -> None:
+    add = group.add_argument
+    add("--save", default=None)
+    add("--load", default=None)
+    add("--save-interval", type=int, default=None)
+    add("--use-checkpoint-args", action="store_true")
+    add("--finetune", action="store_true")
+    add("--eval-interval", type=int, default=100)
+    add("--eval-iters", type=int, default=10)
+    add("--log-interval", type=int, default=10)
+    add("--tensorboard-dir", default=None)
+    add("--metrics-file", default=None, help="one JSON object per logged iteration")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check the flags; errors name the offending flag (exit status 2)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as error:
+        parser.error(str(error))
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Cross-flag rules; ValueError naming the flags."""
+    positive = ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "train_iters",
+                "micro_batch_size", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+                "log_interval", "eval_interval")  # fmt: skip
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("hidden_dropout", "attention_dropout"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1)")
+    if args.lr < 0 or args.min_lr < 0 or args.min_lr > args.lr:
+        raise ValueError(f"--lr/--min-lr: need 0 <= min-lr <= lr, got {args.min_lr}, {args.lr}")
+    _check_conflicts(args)
+    _check_exit_flags(args)
+
+
+def _check_conflicts(args) -> None:
+    pairs = [
+        (args.fp16 and args.bf16, "--fp16 and --bf16 are mutually exclusive"),
+        (args.sequence_parallel and args.tensor_model_parallel_size == 1,
+         "--sequence-parallel needs --tensor-model-parallel-size > 1"),
+        (args.mock_data and args.data_path, "--mock-data and --data-path are mutually exclusive"),
+        (args.use_exit_mlp and args.use_exit_block,
+         "--use-exit-mlp and --use-exit-block are mutually exclusive (one exit structure)"),
+        (args.num_query_groups is not None and not args.group_query_attention,
+         "--num-query-groups needs --group-query-attention"),
+        (args.use_checkpoint_args and not args.load, "--use-checkpoint-args needs --load"),
+        (args.finetune and not args.load, "--finetune needs --load"),
+    ]  # fmt: skip
+    for bad, message in pairs:
+        if bad:
+            raise ValueError(message)
+
+
+def _check_exit_flags(args) -> None:
+    exit_only = {
+        "--pre-exit": args.pre_exit,
+        "--use-exit-norm": args.use_exit_norm,
+        "--use-exit-mlp": args.use_exit_mlp,
+        "--use-exit-block": args.use_exit_block,
+        "--untie-exit-output-weights": args.untie_exit_output_weights,
+        "--exit-layer-weight": args.exit_layer_weight is not None,
+        "--use-dynamic-exit-layer-weight": args.use_dynamic_exit_layer_weight,
+        "--fill-explicit-bubbles": args.fill_explicit_bubbles,
+        "--tune-exit": args.tune_exit,
+    }
+    if not args.exit_layer_nums:
+        used = [flag for flag, on in exit_only.items() if on]
+        if used:
+            raise ValueError(f"{', '.join(used)} given without --exit-layer-nums")
+    if (args.use_exit_mlp or args.use_exit_block) and not args.use_exit_norm:
+        raise ValueError(
+            "--use-exit-mlp/--use-exit-block need --use-exit-norm (these exits end in a norm, "
+            "as EE-Tuning's 'MLP' and 'Layer' architectures)"
+        )
+    fill_counts = args.num_fill_warmup_microbatches, args.num_fill_cooldown_microbatches
+    if any(c is not None for c in fill_counts) and not args.fill_explicit_bubbles:
+        raise ValueError("--num-fill-*-microbatches need --fill-explicit-bubbles")
+    if args.fill_explicit_bubbles and args.pipeline_model_parallel_size < 2:
+        raise ValueError("--fill-explicit-bubbles needs --pipeline-model-parallel-size >= 2")
+    if args.fill_explicit_bubbles and args.tune_exit:
+        raise ValueError("--fill-explicit-bubbles and --tune-exit are mutually exclusive")
+    if args.tune_exit_pipeline_parallel_size is not None and not args.tune_exit:
+        raise ValueError("--tune-exit-pipeline-parallel-size needs --tune-exit")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything of a run that is neither the model config nor the optimisation config."""
+
+    mode: str  # "train" or "tune"
+    fill: FillConfig | None
+    defer_exits: bool
+    micro_batch_size: int
+    num_microbatches: int
+    use_distributed_optimizer: bool
+    position_embedding_type: str
+    rotary_base: int
+
+
+def exit_structure(args) -> str:
+    """The exit structure the EE-LLM flags describe."""
+    if args.use_exit_block:
+        return "block"
+    if args.use_exit_mlp:
+        return "mlp"
+    return "norm" if args.use_exit_norm else "head"
+
+
+def model_config(args, vocab_size: int) -> EarlyExitTransformerConfig:
+    """The EarlyExitTransformerConfig the flags describe (platform overrides merged in)."""
+    exits = make_exit_heads(
+        args.exit_layer_nums,
+        pre_exit=args.pre_exit,
+        structure=exit_structure(args),
+        loss_weights=args.exit_layer_weight,
+        loss_weights_init=args.exit_layer_weight_init,
+        temperatures=args.exit_layer_temperature,
+        untied=args.untie_exit_output_weights,
+    )
+    fields = dict(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=_ffn_hidden_size(args),
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups,
+        normalization=args.normalization,
+        add_bias_linear=not args.disable_bias_linear,
+        hidden_dropout=args.hidden_dropout,
+        attention_dropout=args.attention_dropout,
+        init_method_std=args.init_method_std,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        sequence_parallel=args.sequence_parallel,
+        bf16=args.bf16,
+        fp16=args.fp16,
+        params_dtype=_dtype(args),
+        pipeline_dtype=_dtype(args),
+        exit_heads=exits,
+        exit_loss_weight_warmup_iters=args.exit_layer_weight_warmup_iters,
+        exit_loss_weight_warmup_style=args.exit_layer_weight_warmup_style,
+        include_final_loss=not args.tune_exit,
+        dynamic_exit_loss_weight=args.use_dynamic_exit_layer_weight,
+        untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
+    )
+    if args.swiglu:
+        fields.update(gated_linear_unit=True, activation_func=F.silu)
+    fields.update(platform.config_overrides())
+    return EarlyExitTransformerConfig(**fields)
+
+
+def _ffn_hidden_size(args) -> int:
+    if args.ffn_hidden_size is not None:
+        return args.ffn_hidden_size
+    if args.swiglu:  # Megatron-LM's default keeps the parameter count of a 4h GeLU MLP
+        return int((4 * args.hidden_size * 2 / 3) / 64) * 64 or 64
+    return 4 * args.hidden_size
+
+
+def _dtype(args) -> torch.dtype:
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+
+
+def training_config(args) -> TrainingConfig:
+    return TrainingConfig(
+        train_iters=args.train_iters,
+        lr=args.lr,
+        min_lr=args.min_lr,
+        lr_warmup_iters=args.lr_warmup_iters,
+        lr_decay_style=args.lr_decay_style,
+        weight_decay=args.weight_decay,
+        clip_grad=args.clip_grad,
+        adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2,
+        log_interval=args.log_interval,
+    )
+
+
+def run_settings(args, data_parallel_size: int) -> RunSettings:
+    """Batch arithmetic and schedule options; ValueError naming the flags."""
+    per_step = args.micro_batch_size * data_parallel_size
+    global_batch = args.global_batch_size or per_step
+    if global_batch % per_step:
+        raise ValueError(
+            f"--global-batch-size {global_batch} is not divisible by --micro-batch-size x "
+            f"data-parallel size = {per_step}"
+        )
+    fill = None
+    if args.fill_explicit_bubbles:
+        fill = FillConfig(
+            args.num_fill_warmup_microbatches,
+            args.num_fill_cooldown_microbatches,
+            backward_forward_ratio=args.backward_forward_ratio,
+        )
+    return RunSettings(
+        mode="tune" if args.tune_exit else "train",
+        fill=fill,
+        defer_exits=not args.no_defer_exits,
+        micro_batch_size=args.micro_batch_size,
+        num_microbatches=global_batch // per_step,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+        position_embedding_type=args.position_embedding_type,
+        rotary_base=args.rotary_base,
+    )

@@ -1,0 +1,137 @@
+"""Run logging: console progress, TensorBoard scalars and a JSON-lines metrics file.
+
+Losses arrive already averaged over microbatches, pipeline stages and data-parallel replicas, so
+only global rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import torch.distributed as dist
+
+from megatron.early_exit.training.loop import IterationMetrics
+
+
+def _is_writer() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+class RunLogger:
+    """Writes what the loop reports, at ``--log-interval``; every evaluation; the final table."""
+
+    def __init__(self, args, config, tokens_per_iteration: int):
+        self.args = args
+        self.config = config
+        self.tokens_per_iteration = tokens_per_iteration
+        self.enabled = _is_writer()
+        self._metrics = open(args.metrics_file, "a") if self.enabled and args.metrics_file else None
+        self._board = None
+        if self.enabled and args.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._board = SummaryWriter(log_dir=args.tensorboard_dir)
+        self._times: list[float] = []
+        self._start_iteration = 0
+
+    def start(self, iteration: int) -> None:
+        self._start_iteration = iteration
+        self._wall_start = time.perf_counter()
+        if self.enabled:
+            exits = ", ".join(str(e.depth) for e in self.config.exit_heads) or "none"
+            print(f"training from iteration {iteration} to {self.args.train_iters}; exits after "
+                  f"layers {exits} of {self.config.num_layers}", flush=True)  # fmt: skip
+
+    def iteration(self, metrics: IterationMetrics, seconds: float) -> None:
+        self._times.append(seconds)
+        if not self.enabled:
+            return
+        record = _record(metrics, self.tokens_per_iteration / seconds)
+        self._scalars("train", metrics.iteration, record)
+        if (
+            metrics.iteration % self.args.log_interval
+            and metrics.iteration != self.args.train_iters
+        ):
+            return
+        if self._metrics:
+            self._metrics.write(json.dumps(record) + "\n")
+            self._metrics.flush()
+        print(self._progress_line(metrics, record), flush=True)
+
+    def evaluation(self, iteration: int, losses: dict) -> None:
+        if not self.enabled:
+            return
+        self._scalars("valid", iteration, {k: v for k, v in losses.items() if v is not None})
+        parts = [f"{_head_name(k)} {v:.3f} (ppl {_ppl(v):.1f})" for k, v in losses.items() if v]
+        print(f"validation at iteration {iteration}: " + " | ".join(parts), flush=True)
+
+    def final(self, iteration: int, losses: dict) -> None:
+        if not self.enabled:
+            return
+        if self._metrics:
+            self._metrics.write(json.dumps({"evaluation": losses, "iteration": iteration}) + "\n")
+        print(f"\n{'head':<22}{'validation loss':>16}{'perplexity':>12}")
+        for key, value in losses.items():
+            if value is not None:
+                print(f"{_head_name(key):<22}{value:>16.3f}{_ppl(value):>12.2f}")
+        wall = time.perf_counter() - self._wall_start
+        print(f"\n{iteration - self._start_iteration} iterations in {wall:.1f} s", flush=True)
+
+    def close(self) -> None:
+        if self._metrics:
+            self._metrics.close()
+        if self._board:
+            self._board.close()
+
+    def _progress_line(self, metrics: IterationMetrics, record: dict) -> str:
+        recent = self._times[-self.args.log_interval :]
+        eta = (self.args.train_iters - metrics.iteration) * sum(recent) / len(recent)
+        exits = "  ".join(
+            f"exit{d} {loss:.3f} (w {metrics.exit_weights.get(d, 0.0):.2f})"
+            for d, loss in metrics.exit_losses.items()
+        )
+        lm = f"lm {metrics.lm_loss:.3f} | " if metrics.lm_loss is not None else ""
+        grad = f"{metrics.grad_norm:.2f}" if metrics.grad_norm is not None else "-"
+        return (
+            f"iter {metrics.iteration:6d}/{self.args.train_iters} | {lm}{exits} | "
+            f"lr {metrics.lr:.2e} | grad {grad} | {record['tokens_per_second']:,.0f} tok/s | "
+            f"ETA {eta:.0f} s"
+        )
+
+    def _scalars(self, prefix: str, step: int, values: dict) -> None:
+        if self._board is None:
+            return
+        for name, value in _flatten(values).items():
+            self._board.add_scalar(f"{prefix}/{name}", value, step)
+
+
+def _record(metrics: IterationMetrics, tokens_per_second: float) -> dict:
+    return {
+        "iteration": metrics.iteration,
+        "lm_loss": metrics.lm_loss,
+        "exit_losses": {str(d): v for d, v in metrics.exit_losses.items()},
+        "exit_weights": {str(d): v for d, v in metrics.exit_weights.items()},
+        "lr": metrics.lr,
+        "grad_norm": metrics.grad_norm,
+        "tokens_per_second": tokens_per_second,
+    }
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}/"))
+        elif isinstance(value, int | float) and value is not None:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _head_name(key: str) -> str:
+    return "final head" if key == "lm_loss" else f"exit after layer {key.split('_')[1]}"
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(min(loss, 50.0))
