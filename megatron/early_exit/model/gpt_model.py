@@ -34,9 +34,11 @@ from functools import partial
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedStateDict
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
-from megatron.core.utils import divide
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+from megatron.core.utils import divide, make_tp_sharded_tensor_for_checkpoint
 
 from megatron.early_exit import platform
 from megatron.early_exit.config import EarlyExitTransformerConfig, ExitHeadConfig
@@ -362,6 +364,54 @@ class EarlyExitGPTModel(GPTModel):
             confidence = vocab_parallel_max_prob(logits, self.pg_collection.tp).transpose(0, 1)
         loss = self.compute_language_model_loss(labels, logits)
         return loss if confidence is None else loss * confidence
+
+    # ---------------------------------------------------------------------------------------
+    # Distributed checkpointing
+    # ---------------------------------------------------------------------------------------
+
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
+    ) -> ShardedStateDict:
+        """megatron-core's sharded state dict of the backbone plus every local exit head.
+
+        * Each exit head contributes its own sharded state dict under ``exit_heads.<depth>.``:
+          its vocab-parallel projection, MLP and (``block``) transformer layer stay sharded over
+          TP. (``exit_heads`` is a ModuleDict, for which megatron-core's default would record
+          every tensor as replicated, i.e. only TP rank 0's shard.) Keys hold the exit depth and
+          no layer number, so they are the same for every pipeline split; a block exit's layer
+          is saved relative to its head (``exit_heads.<depth>.layer.``).
+        * The middle-stage copy of the tied word embedding (``early_exit_word_embeddings``) is
+          not a tensor of its own: like megatron-core's tied output layer on the last stage, it
+          is a non-main replica of ``embedding.word_embeddings.weight`` (replica id ``1 +
+          stage``, distinct from the first stage's 0 and the last stage's 1), so saving writes
+          the embedding once and loading fills the copy from the embedding.
+        """
+        sharded_state_dict = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        heads_prefix = f"{prefix}exit_heads."
+        for key in [k for k in sharded_state_dict if k.startswith(heads_prefix)]:
+            del sharded_state_dict[key]  # the replicated-by-default ModuleDict entries
+        for key, head in self.exit_heads.items():
+            sharded_state_dict.update(
+                head.sharded_state_dict(f"{heads_prefix}{key}.", sharded_offsets, metadata)
+            )
+        if self.early_exit_word_embeddings is not None:
+            self._tie_exit_embedding_copy_state_dict(sharded_state_dict, prefix)
+        return sharded_state_dict
+
+    def _tie_exit_embedding_copy_state_dict(
+        self, sharded_state_dict: ShardedStateDict, prefix: str
+    ) -> None:
+        copy_key = f"{prefix}early_exit_word_embeddings"
+        assert copy_key in sharded_state_dict, sorted(sharded_state_dict)
+        stage = parallel_state.get_pipeline_model_parallel_rank()
+        sharded_state_dict[copy_key] = make_tp_sharded_tensor_for_checkpoint(
+            tensor=self.early_exit_word_embeddings,
+            key=f"{prefix}embedding.word_embeddings.weight",
+            replica_id=(1 + stage, 0, parallel_state.get_data_parallel_rank(True)),
+            allow_shape_mismatch=True,
+            tp_group=self.tp_group,
+        )
 
 
 class _ExitInputsRecorded(Exception):
