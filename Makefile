@@ -5,7 +5,7 @@ setup:
 	bash scripts/setup.sh
 
 demo: setup
-	.venv/bin/python examples/cpu_quickstart.py
+	bash examples/cpu/train_tiny.sh
 
 test: setup lint
 	.venv/bin/python -m pytest -q

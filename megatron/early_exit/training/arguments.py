@@ -132,6 +132,7 @@ def _checkpoint_flags(group) -> None:
     add("--save", default=None)
     add("--load", default=None)
     add("--save-interval", type=int, default=None)
+    add("--exit-interval", type=int, default=None, help="stop (after saving) at a multiple of N")
     add("--use-checkpoint-args", action="store_true")
     add("--finetune", action="store_true")
     add("--eval-interval", type=int, default=100)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from pathlib import Path
 
 import torch.distributed as dist
 
@@ -27,7 +28,10 @@ class RunLogger:
         self.config = config
         self.tokens_per_iteration = tokens_per_iteration
         self.enabled = _is_writer()
-        self._metrics = open(args.metrics_file, "a") if self.enabled and args.metrics_file else None
+        self._metrics = None
+        if self.enabled and args.metrics_file:
+            Path(args.metrics_file).parent.mkdir(parents=True, exist_ok=True)
+            self._metrics = open(args.metrics_file, "a")
         self._board = None
         if self.enabled and args.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
