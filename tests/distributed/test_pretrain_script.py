@@ -91,3 +91,17 @@ def test_checkpoint_published_and_final_evaluation_reported(runs):
     assert (runs["checkpoint"] / "iter_0000010").is_dir()
     final = runs["final"]["evaluation"]
     assert set(final) == {"lm_loss", "exit_1", "exit_3"}
+
+
+@pytest.mark.parametrize("precision", ["--bf16", "--fp16 --initial-loss-scale 4096"])
+def test_half_precision_training_runs_and_learns(precision, tmp_path):
+    """bf16 (Float16Module + fp32 main params) and fp16 (dynamic loss scaling) on CPU, PP=2."""
+    metrics = tmp_path / "metrics.jsonl"
+    torchrun(
+        *precision.split(), "--train-iters", "12", "--metrics-file", str(metrics), cwd=tmp_path
+    )
+    records = read_metrics(metrics)
+    first, last = records[1], records[12]
+    assert last["lm_loss"] < first["lm_loss"]
+    for depth in ("1", "3"):
+        assert last["exit_losses"][depth] < first["exit_losses"][depth]

@@ -51,6 +51,13 @@ def build_early_exit_model(
     return model
 
 
+def unwrap_model(model) -> EarlyExitGPTModel:
+    """The EarlyExitGPTModel inside DDP / Float16Module wrappers."""
+    while not isinstance(model, EarlyExitGPTModel) and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 def canonical_parameter_name(model: EarlyExitGPTModel, name: str) -> str:
     """A parameter's name as it would be in a single-stage model (global layer numbers; tied
     copies named after the word embedding they copy)."""

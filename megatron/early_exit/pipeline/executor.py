@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megatron.early_exit.model.builder import unwrap_model
 from megatron.early_exit.model.losses import masked_mean
 from megatron.early_exit.pipeline.comm import StageCommunicator
 from megatron.early_exit.pipeline.plan import BACKWARD_OF, FORWARD_OF, Action, ActionKind
@@ -79,7 +80,7 @@ class StageExecutor:
         options: ExecutionOptions,
     ):
         self.model = model
-        self.module = _unwrap(model)
+        self.module = unwrap_model(model)
         self.comm = communicator
         self.activation_shape = activation_shape
         self.activation_dtype = activation_dtype
@@ -195,12 +196,6 @@ def _forwards_without_backward(plan: list[Action]) -> set:
     forwards = {(a.kind, a.microbatch) for a in plan if a.kind in BACKWARD_OF}
     backwards = {(FORWARD_OF[a.kind], a.microbatch) for a in plan if a.kind in FORWARD_OF}
     return forwards - backwards
-
-
-def _unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 _FILL_KINDS = frozenset({ActionKind.FILL_FORWARD, ActionKind.FILL_BACKWARD})

@@ -113,6 +113,8 @@ def _parallel_flags(group) -> None:
     add("--use-distributed-optimizer", action="store_true")
     add("--bf16", action="store_true")
     add("--fp16", action="store_true")
+    add("--loss-scale", type=float, default=None, help="fp16: constant scale (default: dynamic)")
+    add("--initial-loss-scale", type=float, default=2.0**32, help="fp16 dynamic scaling start")
 
 
 def _data_flags(group) -> None:
@@ -166,6 +168,11 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1)")
     if args.lr < 0 or args.min_lr < 0 or args.min_lr > args.lr:
         raise ValueError(f"--lr/--min-lr: need 0 <= min-lr <= lr, got {args.min_lr}, {args.lr}")
+    if args.max_position_embeddings is not None and args.max_position_embeddings < args.seq_length:
+        raise ValueError(
+            f"--max-position-embeddings {args.max_position_embeddings} is smaller than "
+            f"--seq-length {args.seq_length}"
+        )
     _check_conflicts(args)
     _check_exit_flags(args)
 
@@ -309,6 +316,8 @@ def training_config(args) -> TrainingConfig:
         adam_beta1=args.adam_beta1,
         adam_beta2=args.adam_beta2,
         log_interval=args.log_interval,
+        loss_scale=args.loss_scale,
+        initial_loss_scale=args.initial_loss_scale,
     )
 
 

@@ -53,6 +53,7 @@ from torch.distributed.checkpoint.api import CheckpointException as DCPCheckpoin
 
 from megatron.early_exit import platform
 from megatron.early_exit.config import EarlyExitTransformerConfig, ExitHeadConfig
+from megatron.early_exit.model.builder import unwrap_model
 
 if TYPE_CHECKING:
     from megatron.early_exit.training.loop import Trainer
@@ -162,7 +163,7 @@ def save_checkpoint(
             "save_checkpoint: dist_checkpointing writes through helper processes, which a "
             "daemonic process cannot start; run training in a non-daemonic process"
         )
-    model = trainer.model.module
+    model = unwrap_model(trainer.model)
     _check_json("model_args", model_args)
     _check_json("data_state", data_state)
     _check_model_args_agree(model_args, _model_facts(model))
@@ -337,7 +338,7 @@ def load_checkpoint(
     leave ``trainer`` untouched; after a failed read its weights are undefined.
     """
     info = read_checkpoint_info(load_dir)
-    model = trainer.model.module
+    model = unwrap_model(trainer.model)
     if not finetune:
         _check_same_model(info, trainer.config, model)
     with_scheduler = load_optimizer and not finetune

@@ -23,6 +23,7 @@ from megatron.core.distributed import (
 )
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.module import Float16Module
 
 from megatron.early_exit.config import EarlyExitTransformerConfig
 from megatron.early_exit.model.gpt_model import EarlyExitGPTModel
@@ -47,6 +48,8 @@ class TrainingConfig:
     adam_beta1: float = 0.9  # --adam-beta1
     adam_beta2: float = 0.95  # --adam-beta2
     log_interval: int = 10  # --log-interval
+    loss_scale: float | None = None  # --loss-scale (fp16: constant; None = dynamic)
+    initial_loss_scale: float = 2.0**32  # --initial-loss-scale (fp16 dynamic scaling)
 
 
 @dataclass
@@ -114,6 +117,8 @@ def setup_trainer(
         if fill is not None:
             raise ValueError("fill: bubble filling applies to full training, not EE-Tuning")
         freeze_backbone(model)  # a stage without exits has nothing to train, which is fine
+    if config.fp16 or config.bf16:  # half-precision weights, fp32 main params in the optimizer
+        model = Float16Module(config, model)
     ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=distributed_optimizer)
     ddp = DistributedDataParallel(config, ddp_config, model)
     optimizer = get_megatron_optimizer(
@@ -126,6 +131,8 @@ def setup_trainer(
             adam_beta2=training.adam_beta2,
             clip_grad=training.clip_grad,
             use_distributed_optimizer=distributed_optimizer,
+            loss_scale=training.loss_scale,
+            initial_loss_scale=training.initial_loss_scale,
             bf16=config.bf16,
             fp16=config.fp16,
             params_dtype=config.params_dtype,

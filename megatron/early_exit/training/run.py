@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = build_early_exit_model(
         config,
         vocab_size,
-        args.seq_length,
+        args.max_position_embeddings or args.seq_length,
         position_embedding_type=settings.position_embedding_type,
         rotary_base=settings.rotary_base,
     )
