@@ -1,5 +1,7 @@
 """``pretrain_early_exit_gpt.py`` end to end under torchrun (2 processes, PP=2) on real text.
 
+The resume also exercises ``--use-checkpoint-args``.
+
 Three runs of a small model on the default corpus (Brown where fetched, else the bundled
 excerpt): 20 iterations straight; 10 iterations saved; a resume of that to 20. The straight run's
 losses decrease; the resumed iterations 11-20 equal the straight run's in fp32 (model, optimizer,
@@ -49,7 +51,10 @@ def runs(tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("pretrain")
     torchrun("--train-iters", "20", "--metrics-file", str(work / "straight.jsonl"), cwd=work)
     torchrun("--train-iters", "20", "--exit-interval", "10", "--save", str(work / "ckpt"), cwd=work)
-    torchrun("--train-iters", "20", "--load", str(work / "ckpt"),
+    # --use-checkpoint-args: the wrong shape and exits given here must be replaced by the
+    # checkpoint's (otherwise the load fails, or the exits/losses differ).
+    torchrun("--train-iters", "20", "--load", str(work / "ckpt"), "--use-checkpoint-args",
+             "--hidden-size", "32", "--exit-layer-nums", "2",
              "--metrics-file", str(work / "resumed.jsonl"), cwd=work)  # fmt: skip
     return {
         "straight": read_metrics(work / "straight.jsonl"),

@@ -83,13 +83,20 @@ def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int) -> int:
 
 def build_tokenizer_from_args(args) -> tuple[object, dict]:
     """The tokenizer (default: the bundled corpus's) and its description for checkpoints."""
-    if args.tokenizer_type is None and not args.mock_data and args.data_path is None:
+    if not args.mock_data and args.data_path is None:
         default = default_training_data()
-        args.data_path = [default.data_prefix]
-        args.tokenizer_type, args.tokenizer_model = (
+        if args.tokenizer_type is None:
+            args.tokenizer_type = "SentencePieceTokenizer"
+            args.tokenizer_model = default.tokenizer_model
+        if (args.tokenizer_type, args.tokenizer_model) != (
             "SentencePieceTokenizer",
             default.tokenizer_model,
-        )
+        ):
+            arguments.build_parser().error(
+                f"--data-path is required with --tokenizer-type {args.tokenizer_type} (the "
+                f"default corpus is tokenized with {default.tokenizer_model})"
+            )
+        args.data_path = [default.data_prefix]
     if args.tokenizer_type is None:
         args.tokenizer_type = "NullTokenizer" if args.mock_data else "GPT2BPETokenizer"
     if args.mock_data and args.vocab_size is None and args.tokenizer_type == "NullTokenizer":
