@@ -307,6 +307,11 @@ def _ffn_hidden_size(args) -> int:
     return 4 * args.hidden_size
 
 
+def params_dtype(args) -> torch.dtype:
+    """The parameter dtype ``--bf16``/``--fp16`` select (fp32 otherwise)."""
+    return _dtype(args)
+
+
 def _dtype(args) -> torch.dtype:
     return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
 

@@ -49,6 +49,7 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.activations import fast_gelu, quick_gelu, squared_relu
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
+from megatron.core.transformer.utils import openai_gelu
 from torch.distributed.checkpoint.api import CheckpointException as DCPCheckpointException
 
 from megatron.early_exit import platform
@@ -102,6 +103,7 @@ _ACTIVATIONS = {
     "squared_relu": squared_relu,
     "quick_gelu": quick_gelu,
     "fast_gelu": fast_gelu,
+    "openai_gelu": openai_gelu,  # GPT-2's gelu_new (tanh approximation)
 }
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -433,6 +435,8 @@ def config_from_checkpoint(info: CheckpointInfo, **overrides) -> EarlyExitTransf
             f"{', '.join(_ACTIVATIONS)}; pass activation_func= explicitly"
         )
     fields["activation_func"] = _ACTIVATIONS[activation]
+    if activation == "openai_gelu":  # megatron's fused bias-GeLU implements only plain GeLU
+        fields["bias_activation_fusion"] = False
     fields["params_dtype"] = _DTYPES[fields["params_dtype"]]
     fields["exit_heads"] = tuple(ExitHeadConfig(**e) for e in fields["exit_heads"])
     fields.update(platform.config_overrides())

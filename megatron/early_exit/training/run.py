@@ -23,6 +23,7 @@ from megatron.early_exit.pipeline.bubble_fill import build_fill_schedule
 from megatron.early_exit.training import arguments
 from megatron.early_exit.training.batches import causal_mask
 from megatron.early_exit.training.checkpointing import (
+    config_from_checkpoint,
     load_checkpoint,
     read_checkpoint_info,
     save_checkpoint,
@@ -139,11 +140,14 @@ def build_data(args, tokenizer, settings, num_fill: int) -> DataSource:
 def main(argv: list[str] | None = None) -> dict:
     """Train; returns the final evaluation (``lm_loss`` and every ``exit_<depth>``)."""
     args = arguments.parse_args(argv)
-    if args.use_checkpoint_args:
-        _apply_checkpoint_args(args)
+    info = read_checkpoint_info(args.load) if args.use_checkpoint_args else None
+    if info is not None:
+        _apply_checkpoint_args(args, info)
     tokenizer, tokenizer_info = build_tokenizer_from_args(args)
     vocab_size = padded_vocab_size(tokenizer.vocab_size, args.tensor_model_parallel_size)
     config = _config_or_exit(args, vocab_size)
+    if info is not None:  # the checkpoint's model (activation, exits, vocab) in this run's layout
+        config, vocab_size = _checkpoint_config(args, info), info.model["vocab_size"]
     platform.initialize(
         args.tensor_model_parallel_size,
         args.pipeline_model_parallel_size,
@@ -211,10 +215,27 @@ def _save(args, trainer, data: DataSource, tokenizer_info: dict) -> None:
     )
 
 
-def _apply_checkpoint_args(args) -> None:
+def _checkpoint_config(args, info):
+    dtype = arguments.params_dtype(args)
+    overrides = dict(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        sequence_parallel=args.sequence_parallel,
+        bf16=args.bf16,
+        fp16=args.fp16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        include_final_loss=not args.tune_exit,
+    )
+    try:
+        return config_from_checkpoint(info, **overrides)
+    except ValueError as error:
+        arguments.build_parser().error(f"--use-checkpoint-args: {error}")
+
+
+def _apply_checkpoint_args(args, info) -> None:
     """``--use-checkpoint-args``: model shape, exits and tokenizer come from the checkpoint;
     the parallel layout, precision and training flags stay as given."""
-    info = read_checkpoint_info(args.load)
     record, model = info.model_config, info.model
     for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                  "num_query_groups", "normalization", "hidden_dropout", "attention_dropout",
