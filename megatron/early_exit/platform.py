@@ -18,7 +18,9 @@ when no CUDA device exists; importing this module changes nothing):
   for megatron's ``_get/_set_cuda_rng_state``. Factory wrapping (not a TorchFunctionMode) because
   it is global, works inside backward and in threads, and costs almost nothing.
 * ``torch._dynamo`` is imported before patching and every patched attribute gets its own function
-  object: dynamo's rule table asserts on shared or pre-patched objects.
+  object: dynamo's rule table asserts on shared or pre-patched objects. torch's device-context
+  table of factory functions is filled before patching too, so ``with torch.device("meta")``
+  still applies to the wrapped factories.
 
 See ``shared/reference/megatron-core-on-cpu.md`` for the full site list; ``tests/unit`` verifies
 each claim this module relies on.
@@ -285,6 +287,12 @@ def install_cpu_compat() -> bool:
         return True
     import megatron.core  # noqa: F401  (import while torch is still unpatched)
     import torch._dynamo  # noqa: F401  (build dynamo's rule table from the original functions)
+    import torch.utils._device
+
+    # ``with torch.device(...)`` recognises factories through an lru_cached set of the original
+    # functions; filled after patching it would hold our wrappers, and meta-device contexts
+    # (transformers' from_pretrained) would silently build CPU tensors instead.
+    torch.utils._device._device_constructors()
 
     _patch_torch_cuda()
     _patch_torch_tensors()

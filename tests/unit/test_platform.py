@@ -93,6 +93,22 @@ def test_compat_layer_remaps_literals_and_answers_type_only_to_megatron():
     assert out.strip() == "torch.cuda.FloatTensor"
 
 
+def test_device_contexts_still_apply_to_wrapped_factories():
+    """transformers' from_pretrained builds on the meta device through ``with torch.device``;
+    the wrapped factories must still honour it (it silently built CPU tensors before the fix)."""
+    run_python(
+        """
+        import torch
+        from megatron.early_exit import platform
+        platform.install_cpu_compat()
+        with torch.device("meta"):
+            devices = {torch.tensor([]).device.type, torch.empty(2).device.type,
+                       torch.zeros(2).device.type, torch.arange(3).device.type}
+        assert devices == {"meta"}, devices
+        """
+    )
+
+
 def test_rng_tracker_streams_differ_and_fork_is_reproducible():
     """On a CPU build megatron's RNG setters are silent no-ops; with the layer they work, so the
     model-parallel stream differs from the default one and replays identically after reseeding."""
