@@ -121,6 +121,11 @@ def test_bad_flags_stop_with_their_name(flags, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_tuning_a_checkpoint_takes_its_exits_from_the_checkpoint():
+    args = parse("--load ckpt --use-checkpoint-args --finetune --tune-exit")
+    assert args.tune_exit and args.exit_layer_nums == []
+
+
 def test_global_batch_must_divide():
     args = parse("--micro-batch-size 3 --global-batch-size 10")
     with pytest.raises(ValueError, match="--global-batch-size 10 is not divisible"):

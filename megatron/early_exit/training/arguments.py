@@ -207,7 +207,7 @@ def _check_exit_flags(args) -> None:
         "--fill-explicit-bubbles": args.fill_explicit_bubbles,
         "--tune-exit": args.tune_exit,
     }
-    if not args.exit_layer_nums:
+    if not args.exit_layer_nums and not args.use_checkpoint_args:  # else exits come from --load
         used = [flag for flag, on in exit_only.items() if on]
         if used:
             raise ValueError(f"{', '.join(used)} given without --exit-layer-nums")
