@@ -1,0 +1,97 @@
+"""The service's ``TextGenerator`` backed by the real generation engine (PP=1, any TP).
+
+Maps the transport-independent ``protocol.GenerationParams`` onto the engine's own
+``inference.generate.GenerationParams`` and its per-prompt results back onto the service's
+``GenerationResult`` (text cut at stop strings/EOS, per-token text pieces and exit layers).
+Exit layers are reported as depths (the number of layers below the head), the final head as
+``num_layers``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from megatron.early_exit.inference.decide import ExitPolicy
+from megatron.early_exit.inference.generate import GenerationParams as EngineParams
+from megatron.early_exit.inference.generate import generate
+from megatron.early_exit.model.builder import unwrap_model
+from megatron.early_exit.server.protocol import GenerationParams
+from megatron.early_exit.server.service import GenerationResult, StreamItem, stream_from_results
+
+
+class EngineGenerator:
+    """A ``TextGenerator`` over an EarlyExitGPTModel and its tokenizer."""
+
+    decoding_methods = ("auto", "recompute", "speculative")
+
+    def __init__(self, model, tokenizer, max_sequence_length: int | None = None):
+        self.model = unwrap_model(model)
+        self._tokenizer = tokenizer
+        self._max_sequence_length = max_sequence_length or self.model.max_sequence_length
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.num_layers
+
+    @property
+    def exit_layers(self) -> tuple[int, ...]:
+        return tuple(e.depth for e in self.model.config.exit_heads)
+
+    @property
+    def max_sequence_length(self) -> int | None:
+        return self._max_sequence_length
+
+    def generate(self, params: GenerationParams) -> list[GenerationResult]:
+        prompts = [self._prompt_ids(text, params.add_bos) for text in params.prompts]
+        if params.max_new_tokens == 0:
+            return [GenerationResult(i, "", (), (), ()) for i in range(len(prompts))]
+        results = generate(self.model, prompts, self._engine_params(params))
+        return [self._result(i, r, params) for i, r in enumerate(results)]
+
+    def stream(self, params: GenerationParams) -> Iterator[StreamItem]:
+        yield from stream_from_results(self.generate(params))
+
+    def _prompt_ids(self, text: str, add_bos: bool) -> list[int]:
+        ids = self._tokenizer.tokenize(text)
+        bos = getattr(self._tokenizer, "bos", None)
+        if add_bos:
+            ids = [bos if bos is not None else self._tokenizer.eod, *ids]
+        return ids or [self._tokenizer.eod]  # the engine needs at least one prompt token
+
+    def _engine_params(self, params: GenerationParams) -> EngineParams:
+        method = "recompute" if params.decoding_method == "auto" else params.decoding_method
+        return EngineParams(
+            max_new_tokens=params.max_new_tokens,
+            temperature=params.temperature,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            early_exit=params.early_exit is not None,
+            method=method,
+            exit_policy=params.early_exit or ExitPolicy(),
+            eos_token_ids=(self._tokenizer.eod,),
+            stop_strings=params.stop_strings,
+            detokenize=self._tokenizer.detokenize,
+            pad_token_id=self._tokenizer.eod,
+            seed=params.random_seed if params.random_seed is not None else 1234,
+        )
+
+    def _result(self, index: int, result, params: GenerationParams) -> GenerationResult:
+        pieces, previous = [], ""
+        for count in range(1, len(result.tokens) + 1):
+            text = self._tokenizer.detokenize(result.tokens[:count])
+            pieces.append(text[len(previous) :])
+            previous = text
+        text = result.text if result.text is not None else previous
+        return GenerationResult(
+            index=index,
+            text=text,
+            token_ids=tuple(result.tokens),
+            segments=tuple(pieces),
+            exit_layers=tuple(result.exit_layers),
+            logprobs=tuple(result.logprobs) if params.return_logprobs else None,
+            finish_reason=result.finish_reason,
+        )
