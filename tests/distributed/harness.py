@@ -50,6 +50,18 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
             pass
 
 
+def gather_dicts(local: dict) -> dict:
+    """Inside a rank: the union of every rank's dict (all ranks get the same result)."""
+    import torch.distributed as dist
+
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    merged = {}
+    for part in gathered:
+        merged.update(part)
+    return merged
+
+
 class DistributedError(RuntimeError):
     """A rank raised, or the group did not finish in time."""
 

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from megatron.early_exit.config import ExitHeadConfig
-from tests.distributed.harness import run_distributed
+from tests.distributed.harness import gather_dicts, run_distributed
 from tests.helpers import (
     SEQ,
     VOCAB,
@@ -368,15 +368,6 @@ def _exit_head_shards(model) -> dict:
     return shards
 
 
-def _gather_dicts(local: dict) -> dict:
-    gathered = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, local)
-    merged = {}
-    for part in gathered:
-        merged.update(part)
-    return merged
-
-
 def _reshard_checks(root: Path) -> dict:
     from megatron.early_exit import platform
     from megatron.early_exit.model.builder import reproducible_init_
@@ -389,12 +380,12 @@ def _reshard_checks(root: Path) -> dict:
     trainer = _trainer(tiny_config(family, tensor_model_parallel_size=2), family, seed=21)
     _train(trainer, 3)  # trained weights and optimizer state
     expected_tp2 = _logits(trainer.model.module, batch)
-    out["tp2_shards"] = _gather_dicts(_exit_head_shards(trainer.model.module))
+    out["tp2_shards"] = gather_dicts(_exit_head_shards(trainer.model.module))
     ckpt.save_checkpoint(root / "tp2", trainer, model_args=MODEL_ARGS)
 
     platform.initialize(1, 2, seed=5)
     pp2 = _trainer(tiny_config(family, pipeline_model_parallel_size=2), family, seed=41)
-    out["pp2_shards"] = _gather_dicts(_exit_head_shards(pp2.model.module))
+    out["pp2_shards"] = gather_dicts(_exit_head_shards(pp2.model.module))
     expected_pp2 = _chained_logits(pp2.model.module, batch)
     ckpt.save_checkpoint(root / "pp2", pp2, model_args=MODEL_ARGS)
     ckpt.load_checkpoint(root / "tp2", pp2)  # TP=2 -> PP=2
@@ -402,7 +393,7 @@ def _reshard_checks(root: Path) -> dict:
 
     platform.initialize(1, 1, seed=5)
     tp1 = _trainer(tiny_config(family), family, seed=99)
-    out["tp1_shards"] = _gather_dicts(_exit_head_shards(tp1.model.module))
+    out["tp1_shards"] = gather_dicts(_exit_head_shards(tp1.model.module))
     out["tp2_to_tp1_iteration"] = ckpt.load_checkpoint(root / "tp2", tp1)
     out["tp2_to_tp1"] = _logits_error(_logits(tp1.model.module, batch), expected_tp2)
     ckpt.load_checkpoint(root / "pp2", tp1)  # PP=2 -> PP=1

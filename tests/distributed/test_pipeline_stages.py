@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from megatron.early_exit.config import ExitHeadConfig
-from tests.distributed.harness import run_distributed
+from tests.distributed.harness import gather_dicts, run_distributed
 from tests.helpers import SEQ, VOCAB, make_batch, relative_error, tiny_config
 
 EXITS = (
@@ -59,15 +59,6 @@ def _stage_losses(model, batch, pp: int) -> dict:
     return losses
 
 
-def _gather_dicts(local: dict) -> dict:
-    gathered = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, local)
-    merged = {}
-    for part in gathered:
-        merged.update(part)
-    return merged
-
-
 def _embedding_copies_in_sync(model) -> dict:
     """Megatron's own init on every stage: the tied copies must equal the stage-0 embedding."""
     weight = model.shared_embedding_or_output_weight()
@@ -104,7 +95,7 @@ def stages_worker(rank: int, world_size: int) -> dict:
     out = {f"keys/{rank}": sorted(model.exit_heads.keys())}
     out.update(_embedding_copies_in_sync(model))
     reproducible_init_(model, seed=21)
-    got = _gather_dicts(_stage_losses(model, batch, pp=3))
+    got = gather_dicts(_stage_losses(model, batch, pp=3))
     out["losses"] = {k: (got.get(k), v) for k, v in expected.items()}
     out.update(_grads_all_reduced(model))
     return out

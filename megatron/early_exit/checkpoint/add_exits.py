@@ -23,7 +23,6 @@ the saved checkpoint loads at any TP/PP (dist_checkpointing reshards).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
@@ -160,17 +159,10 @@ def initial_exit_state(
 
 
 def checkpoint_config(info, **overrides) -> EarlyExitTransformerConfig:
-    """:func:`config_from_checkpoint` at TP=1/PP=1, also for GPT-2's tanh GELU (recorded as
-    ``openai_gelu``, which ``config_from_checkpoint`` does not know by name)."""
-    from megatron.core.transformer.utils import openai_gelu
-
+    """:func:`config_from_checkpoint` at TP=1/PP=1 unless ``overrides`` say otherwise."""
     from megatron.early_exit.training.checkpointing import config_from_checkpoint
 
     fields = dict(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
-    if info.model_config.get("activation_func") == "openai_gelu":
-        record = dict(info.model_config, activation_func="gelu")
-        info = dataclasses.replace(info, model_config=record)
-        fields.update(activation_func=openai_gelu, bias_activation_fusion=False)
     fields.update(overrides)
     return config_from_checkpoint(info, **fields)
 
