@@ -11,7 +11,13 @@ ends with the final norm and head. Logits are gathered over tensor parallelism
 
 Multi-token chunks at an offset get an explicit ``[b, 1, n, offset + n]`` bool mask (megatron's
 local attention ignores the mask type once the offset is non-zero) and per-row RoPE tables, so
-left-padded rows get their own positions. Only pipeline-parallel size 1 is supported.
+left-padded rows get their own positions.
+
+With pipeline parallelism (``Engine(model, pipeline_stage=True)``) the engine runs one stage's
+slice: the depths ``first_depth..last_depth`` of its layers and the exits that live there, fed
+with the previous stage's hidden states instead of tokens. Pipelined decoding
+(``inference/pipelined.py``) never stops a step early, so a stage's cache has no pending
+positions; only the PP=1 policies stop steps and rely on catch-up.
 """
 
 from __future__ import annotations
@@ -35,20 +41,36 @@ class StepOutput:
     depth: int
     """Backbone layers the step ran (``num_layers`` when it reached the final head)."""
     final_logits: torch.Tensor | None
-    """``[b, m, V]`` final-head logits of the last ``m`` positions, or None if stopped early."""
+    """``[b, m, V]`` final-head logits of the last ``m`` positions, or None if stopped early,
+    not asked for, or not on this stage."""
+    hidden: torch.Tensor | None = None
+    """``[n, b, h]`` the chunk's hidden states after the stage's last layer (pipeline stages)."""
 
 
 class Engine:
-    """Runs an :class:`EarlyExitGPTModel` (PP=1) step by step over a :class:`KVCache`."""
+    """Runs an :class:`EarlyExitGPTModel` step by step over a :class:`KVCache`.
 
-    def __init__(self, model) -> None:
+    ``pipeline_stage=False`` (the PP=1 methods) needs the whole model; ``True`` runs whatever
+    slice this pipeline stage holds.
+    """
+
+    def __init__(self, model, pipeline_stage: bool = False) -> None:
         config = model.config
-        if config.pipeline_model_parallel_size != 1:
-            raise ValueError("the generation engine supports pipeline_model_parallel_size=1 only")
+        if config.pipeline_model_parallel_size != 1 and not pipeline_stage:
+            raise ValueError(
+                "this decoding method needs pipeline_model_parallel_size=1 "
+                f"(got {config.pipeline_model_parallel_size}); PP>1 decodes with method='pipelined'"
+            )
         if config.sequence_parallel:
             raise ValueError("the generation engine does not support sequence_parallel")
         self.model = model
         self.num_layers = config.num_layers
+        self.first_depth = model.layer_offset
+        """Depth of this stage's input (0 on the first stage)."""
+        self.last_depth = model.layer_offset + len(model.decoder.layers)
+        """Depth of this stage's output (``num_layers`` on the last stage)."""
+        self.is_first_stage = bool(model.pre_process)
+        self.is_last_stage = bool(model.post_process)
         self.exit_configs = {e.depth: e for e in model.local_exit_configs}
         self.uses_rope = getattr(model, "position_embedding_type", "") == "rope"
 
@@ -65,35 +87,51 @@ class Engine:
     def forward(
         self,
         cache: KVCache,
-        tokens: torch.Tensor,
+        tokens: torch.Tensor | None,
         exit_depths: Sequence[int] = (),
         on_exit: ExitCallback | None = None,
         num_logits: int = 1,
+        *,
+        hidden: torch.Tensor | None = None,
+        project_exit: Callable[[int], bool] | None = None,
+        final_logits: bool = True,
     ) -> StepOutput:
-        """Feed ``tokens[b, n]`` at ``cache.length``; see the module docstring.
+        """Feed ``tokens[b, n]`` (first stage) or ``hidden[n, b, h]`` (later pipeline stages) at
+        ``cache.length``; see the module docstring.
 
         Args:
             exit_depths: exits to run when the step passes their depth (block exits fill their
                 KV for every chunk position; the others only see the last positions).
             on_exit: decides whether the step stops after an exit; None never stops.
             num_logits: how many trailing positions' logits exits and the final head return.
+            project_exit: asked before each exit's vocabulary projection; False skips the exit
+                (a block exit still runs its layer, so its KV stays complete). None: always.
+            final_logits: whether a step that reaches the last layer runs the final head.
         """
         start = cache.length
-        position_ids = cache.position_ids(start, tokens.shape[1]).to(tokens.device)
-        hidden = self.model.embedding(input_ids=tokens, position_ids=position_ids)  # [n, b, h]
+        if self.is_first_stage:
+            position_ids = cache.position_ids(start, tokens.shape[1]).to(tokens.device)
+            hidden = self.model.embedding(input_ids=tokens, position_ids=position_ids)  # [n,b,h]
+        elif hidden is None:
+            raise ValueError("a later pipeline stage is fed hidden states, not tokens")
         depths = sorted(exit_depths)
-        for depth in range(self.num_layers + 1):
-            if depth > 0:
+        for depth in range(self.first_depth, self.last_depth + 1):
+            if depth > self.first_depth:
                 start, hidden = self._join_pending(cache, depth, start, hidden)
-                layer = self.model.decoder.layers[depth - 1]
+                layer = self.model.decoder.layers[depth - self.first_depth - 1]
                 hidden, _ = layer(hidden_states=hidden, **self._layer_inputs(cache, start, hidden))
             if depth in depths:
-                logits = self._exit_logits(cache, depth, start, hidden, num_logits)
-                if on_exit is not None and on_exit(depth, logits):
+                project = project_exit is None or project_exit(depth)
+                logits = self._exit_logits(cache, depth, start, hidden, num_logits, project)
+                if logits is not None and on_exit is not None and on_exit(depth, logits):
                     cache.update(start, depth, hidden)
                     return StepOutput(depth, None)
+        # A pipeline stage records its positions as complete: every layer it holds has them.
         cache.update(start, self.num_layers, hidden)
-        return StepOutput(self.num_layers, self._final_logits(hidden, num_logits))
+        logits = None
+        if self.is_last_stage and final_logits:
+            logits = self._final_logits(hidden, num_logits)
+        return StepOutput(self.last_depth, logits, hidden)
 
     def _join_pending(self, cache: KVCache, depth: int, start: int, hidden: torch.Tensor):
         """Prepend the pending positions that skipped layer ``depth`` (their catch-up)."""
@@ -112,14 +150,17 @@ class Engine:
         )
         return inputs.as_kwargs()
 
-    def _exit_logits(self, cache, depth, start, hidden, num_logits) -> torch.Tensor:
-        """Logits ``[b, m, V]`` of the exit at ``depth`` for the last ``m`` chunk positions."""
+    def _exit_logits(self, cache, depth, start, hidden, num_logits, project=True):
+        """Logits ``[b, m, V]`` of the exit at ``depth`` for the last ``m`` chunk positions
+        (None when ``project`` is False: only a block exit's layer runs, to fill its KV)."""
         head = self.model.exit_heads[self.exit_configs[depth].key]
         if isinstance(head, BlockExit):  # its layer needs every position (KV), then slice
             layer_inputs = LayerInputs(**self._layer_inputs(cache, start, hidden))
             states = head.transform(hidden, layer_inputs)[-num_logits:]
-        else:
+        elif project:
             states = head.transform(hidden[-num_logits:], None)
+        if not project:
+            return None
         weight = None if head.exit_config.untied else self.model.tied_exit_weight()
         logits, _ = head.output_layer(states, weight=weight, runtime_gather_output=True)
         return logits.transpose(0, 1).float()  # [m, b, V] -> [b, m, V]

@@ -19,6 +19,7 @@ import torch
 
 from megatron.early_exit.inference.decide import ExitPolicy
 from megatron.early_exit.inference.engine import Engine
+from megatron.early_exit.inference.pipelined import decode_pipelined
 from megatron.early_exit.inference.policies import (
     DecodeState,
     Emitted,
@@ -30,7 +31,7 @@ from megatron.early_exit.inference.policies import (
 )
 from megatron.early_exit.inference.sampling import StopChecker
 
-METHODS = ("recompute", "speculative")
+METHODS = ("recompute", "speculative", "pipelined")
 
 
 @dataclass(frozen=True)
@@ -45,9 +46,11 @@ class GenerationParams:
     early_exit: bool = True
     """False decodes with the full model only (exits are not even evaluated)."""
     method: str = "recompute"
-    """``recompute`` (KV recomputation) or ``speculative`` (lossless self-speculation)."""
+    """``recompute`` (KV recomputation, PP=1), ``speculative`` (lossless self-speculation, PP=1)
+    or ``pipelined`` (PP>1). With PP>1 and ``early_exit=False`` the pipeline decodes at full
+    depth whatever the method."""
     exit_policy: ExitPolicy = field(default_factory=ExitPolicy)
-    """Threshold, confidence measure and allowed exits (``recompute``)."""
+    """Threshold, confidence measure and allowed exits (``recompute``, ``pipelined``)."""
     num_draft_tokens: int = 4
     """Tokens drafted per round (``speculative``)."""
     draft_exit_depth: int | None = None
@@ -115,8 +118,16 @@ def generate(
 ) -> list[GenerationResult]:
     """Generate up to ``params.max_new_tokens`` tokens after each prompt (see module docstring)."""
     model.eval()
-    engine = Engine(model)
-    policy = build_policy(engine, params)
+    pipelined = model.config.pipeline_model_parallel_size > 1
+    if params.method == "pipelined" and not pipelined:
+        raise ValueError("method 'pipelined' needs pipeline_model_parallel_size > 1")
+    if pipelined and params.early_exit and params.method != "pipelined":
+        raise ValueError(
+            f"method {params.method!r} needs pipeline_model_parallel_size=1; "
+            "with PP>1 use method='pipelined'"
+        )
+    engine = Engine(model, pipeline_stage=pipelined)
+    policy = None if pipelined else build_policy(engine, params)
     tokens, pad_lengths = left_pad(prompts_token_ids, params.pad_token_id)
     device = next(model.parameters()).device
     max_length = tokens.shape[1] + params.max_new_tokens + params.num_draft_tokens + 1
@@ -128,11 +139,24 @@ def generate(
         sampler=RowSampler(params.temperature, params.top_k, params.top_p, seeds),
     )
     recorder = _Recorder(len(prompts_token_ids), params)
+    if pipelined:
+        exit_depths = _pipeline_exit_depths(model, params)
+        return decode_pipelined(engine, cache, state, recorder, exit_depths, params.exit_policy)
     while state.active.any():
         emitted = policy.step(engine, cache, state)
         state.active = recorder.add(emitted, state.active)
         state.inputs = emitted.tokens[:, -1:].to(device)
+        state.num_generated += emitted.tokens.shape[1]
     return recorder.results()
+
+
+def _pipeline_exit_depths(model, params: GenerationParams) -> tuple[int, ...]:
+    """Depths of every exit of the model (all stages) that may fire under ``params``."""
+    if not params.early_exit:
+        return ()
+    depths = sorted(e.depth for e in model.config.exit_heads)
+    params.exit_policy.check_model_exits(depths)
+    return tuple(d for d in depths if params.exit_policy.allows(d))
 
 
 class _Recorder:

@@ -39,25 +39,36 @@ class RowSampler:
     """Sampling settings of a request and one generator per row.
 
     Per-row generators make every row's random stream independent of the batch it runs in, so a
-    row samples the same tokens batched or alone (given the same seed).
+    row samples the same tokens batched or alone (given the same seed). ``sample(..., step=t)``
+    reseeds the row's generator from ``(seed, t)`` first, so the ``t``-th generated token's draw
+    does not depend on which head or which pipeline stage sampled the tokens before it: the
+    one-token-per-step methods (full depth, KV recompute, pipelined) pass the token index and
+    therefore sample alike. Speculative decoding uses the running streams (``step=None``).
     """
 
     def __init__(self, temperature: float, top_k: int, top_p: float, seeds: Sequence[int]):
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
-        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.seeds = [int(s) for s in seeds]
+        self.generators = [torch.Generator().manual_seed(s) for s in self.seeds]
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def sample(self, logits: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Tokens and log-probs ``[b]`` for the ``rows`` (bool ``[b]``) of ``logits[b, V]``."""
+    def sample(
+        self, logits: torch.Tensor, rows: torch.Tensor, step: int | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """Tokens and log-probs ``[b]`` for the ``rows`` (bool ``[b]``) of ``logits[b, V]``;
+        ``step``: index of the token being drawn (reseeds the rows' generators, see above)."""
         tokens = torch.zeros(logits.shape[0], dtype=torch.long)
         logprobs = torch.zeros(logits.shape[0])
         for row in rows.nonzero().flatten().tolist():
+            generator = self.generators[row]
+            if step is not None and not self.greedy:
+                generator.manual_seed(_step_seed(self.seeds[row], step))
             token, logprob = sample(
                 logits[row : row + 1].cpu(), self.temperature, self.top_k, self.top_p,
-                generator=self.generators[row],
+                generator=generator,
             )  # fmt: skip
             tokens[row], logprobs[row] = token[0], logprob[0]
         return tokens, logprobs
@@ -76,6 +87,11 @@ class RowSampler:
         return lp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
+def _step_seed(seed: int, step: int) -> int:
+    """The generator seed of a row's ``step``-th token (distinct for distinct (seed, step))."""
+    return (seed * 1_000_003 + step) % (2**63)
+
+
 @dataclass
 class DecodeState:
     """The batch between steps."""
@@ -85,6 +101,8 @@ class DecodeState:
     active: torch.Tensor
     """``[b]`` bool: rows still generating (finished rows ride along, ignored)."""
     sampler: RowSampler
+    num_generated: int = 0
+    """Tokens generated so far per row (the same for every row: finished rows ride along)."""
 
 
 @dataclass
@@ -114,7 +132,9 @@ class FullDepth(KVFillPolicy):
 
     def step(self, engine: Engine, cache: KVCache, state: DecodeState) -> Emitted:
         out = engine.forward(cache, state.inputs)
-        tokens, logprobs = state.sampler.sample(out.final_logits[:, -1], state.active)
+        tokens, logprobs = state.sampler.sample(
+            out.final_logits[:, -1], state.active, state.num_generated
+        )
         return _one_token(tokens, logprobs, torch.full_like(tokens, engine.num_layers))
 
 
@@ -135,7 +155,9 @@ class KVRecompute(KVFillPolicy):
         def on_exit(depth: int, logits: torch.Tensor) -> bool:
             fired = should_exit(depth, logits[:, -1].cpu(), self.exit_policy, undecided)
             if fired.any():
-                new_tokens, new_logprobs = state.sampler.sample(logits[:, -1], fired)
+                new_tokens, new_logprobs = state.sampler.sample(
+                    logits[:, -1], fired, state.num_generated
+                )
                 tokens[fired], logprobs[fired], depths[fired] = (
                     new_tokens[fired], new_logprobs[fired], depth,
                 )  # fmt: skip
@@ -144,7 +166,9 @@ class KVRecompute(KVFillPolicy):
 
         out = engine.forward(cache, state.inputs, self.exit_depths, on_exit)
         if out.final_logits is not None:
-            new_tokens, new_logprobs = state.sampler.sample(out.final_logits[:, -1], undecided)
+            new_tokens, new_logprobs = state.sampler.sample(
+                out.final_logits[:, -1], undecided, state.num_generated
+            )
             tokens[undecided], logprobs[undecided] = new_tokens[undecided], new_logprobs[undecided]
         return _one_token(tokens, logprobs, depths)
 

@@ -41,6 +41,20 @@ class StageCommunicator:
         """Receive an output gradient from stage + 1 (blocking)."""
         return self._recv(shape, dtype, self.stage + 1)
 
+    def send_to(self, tensor: torch.Tensor, stage: int) -> None:
+        """Send to any stage of the pipeline (non-blocking); e.g. an exit's token to stage 0."""
+        self._isend(tensor, stage)
+
+    def recv_from(self, shape, dtype, stage: int) -> torch.Tensor:
+        """Receive from any stage of the pipeline (blocking)."""
+        return self._recv(shape, dtype, stage)
+
+    def wait_oldest(self, keep: int) -> None:
+        """Wait for the oldest sends until at most ``keep`` are outstanding (bounds memory)."""
+        while len(self._pending) > keep:
+            work, _ = self._pending.pop(0)
+            work.wait()
+
     def wait_all(self) -> None:
         """Wait until every send posted so far has completed."""
         for work, _ in self._pending:
