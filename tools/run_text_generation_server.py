@@ -3,10 +3,13 @@
 
     python tools/run_text_generation_server.py --load CKPT [--port 5000] [--host 127.0.0.1]
     torchrun --nproc-per-node 2 tools/run_text_generation_server.py --load CKPT   # TP=2
+    torchrun --nproc-per-node 4 tools/run_text_generation_server.py --load CKPT \
+        --pipeline-model-parallel-size 2                                          # TP=2 x PP=2
 
-``--load`` alone is enough: model shape, exits and tokenizer come from the checkpoint. Rank 0
-serves HTTP; the other ranks follow its broadcast commands. Pipeline-parallel serving (pipelined
-early-exit decoding) is not available yet: all ranks form one tensor-parallel group.
+``--load`` alone is enough: model shape, exits and tokenizer come from the checkpoint, whatever
+layout it was saved with. Rank 0 serves HTTP; the other ranks follow its broadcast commands.
+With PP>1 requests decode with pipelined early exit; with PP=1, with KV recomputation (or
+self-speculation on request). The world size must be TP x PP (one model replica).
 """
 
 import argparse
@@ -23,24 +26,52 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on")
     parser.add_argument("--port", type=int, default=5000)
     parser.add_argument("--tokenizer-model", default=None, help="override the recorded tokenizer")
+    parser.add_argument(
+        "--tensor-model-parallel-size", type=int, default=None, help="default: world / PP"
+    )
+    parser.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     parser.add_argument("--max-prompts", type=int, default=128)
     parser.add_argument("--max-prompt-tokens", type=int, default=4096)
     parser.add_argument("--max-tokens-to-generate", type=int, default=1024)
     return parser.parse_args()
 
 
-def build_generator(args, tensor_parallel_size: int):
+def parallel_layout(args, world_size: int) -> tuple[int, int]:
+    """``(TP, PP)`` from the flags; the world must be exactly one TP x PP model replica."""
+    pp = args.pipeline_model_parallel_size
+    if pp < 1:
+        raise SystemExit(f"--pipeline-model-parallel-size must be >= 1, got {pp}")
+    tp = args.tensor_model_parallel_size or world_size // pp
+    if tp < 1 or tp * pp != world_size:
+        raise SystemExit(
+            f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp} must equal "
+            f"the number of processes ({world_size}); serving runs one model replica"
+        )
+    return tp, pp
+
+
+def build_generator(args, tensor_parallel_size: int, pipeline_parallel_size: int = 1):
+    """Initialise the platform for the layout, load ``--load`` into this rank's slice."""
+    from megatron.early_exit import platform
     from megatron.early_exit.checkpoint.add_exits import (
         build_model,
         checkpoint_config,
         make_trainer,
     )
     from megatron.early_exit.data.tokenizers import build_tokenizer
+    from megatron.early_exit.model.placement import tied_exit_stages
     from megatron.early_exit.server.engine_generator import EngineGenerator
     from megatron.early_exit.training.checkpointing import load_checkpoint, read_checkpoint_info
 
     info = read_checkpoint_info(args.load)
-    config = checkpoint_config(info, tensor_model_parallel_size=tensor_parallel_size)
+    config = checkpoint_config(
+        info,
+        tensor_model_parallel_size=tensor_parallel_size,
+        pipeline_model_parallel_size=pipeline_parallel_size,
+    )
+    platform.initialize(
+        tensor_parallel_size, pipeline_parallel_size, embedding_stages=tied_exit_stages(config)
+    )
     model = build_model(config, info.model)
     load_checkpoint(args.load, make_trainer(model), load_optimizer=False)
     tokenizer_info = dict(info.model_args.get("tokenizer") or {})
@@ -61,8 +92,7 @@ def main() -> None:
     from megatron.early_exit.server.worker_loop import run_ranks
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    platform.initialize(world_size, 1)
-    generator = build_generator(args, world_size)
+    generator = build_generator(args, *parallel_layout(args, world_size))
     limits = ServerLimits(args.max_prompts, args.max_prompt_tokens, args.max_tokens_to_generate)
     run_ranks(generator, lambda service: serve(create_app(service), args.host, args.port),
               limits=limits, model_name=Path(args.load).name)  # fmt: skip

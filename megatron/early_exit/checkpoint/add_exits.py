@@ -159,11 +159,16 @@ def initial_exit_state(
 
 
 def checkpoint_config(info, **overrides) -> EarlyExitTransformerConfig:
-    """:func:`config_from_checkpoint` at TP=1/PP=1 unless ``overrides`` say otherwise."""
-    from megatron.early_exit.training.checkpointing import config_from_checkpoint
+    """:func:`config_from_checkpoint` at TP=1/PP=1 unless ``overrides`` say otherwise. With
+    PP>1, activations travel between stages in the parameters' dtype unless ``pipeline_dtype``
+    is given."""
+    from megatron.early_exit.training.checkpointing import _DTYPES, config_from_checkpoint
 
     fields = dict(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
     fields.update(overrides)
+    if fields["pipeline_model_parallel_size"] > 1 and fields.get("pipeline_dtype") is None:
+        saved = info.model_config.get("pipeline_dtype") or info.model_config["params_dtype"]
+        fields["pipeline_dtype"] = _DTYPES[saved]
     return config_from_checkpoint(info, **fields)
 
 

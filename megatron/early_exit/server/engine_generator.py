@@ -1,4 +1,8 @@
-"""The service's ``TextGenerator`` backed by the real generation engine (PP=1, any TP).
+"""The service's ``TextGenerator`` backed by the real generation engine (any TP and PP).
+
+With PP=1 the methods are KV recomputation (``auto``) and self-speculation; with PP>1 the only
+early-exit method is pipelined decoding (``auto``), and ``recompute``/``speculative`` are refused
+by the service as unavailable on this server.
 
 Maps the transport-independent ``protocol.GenerationParams`` onto the engine's own
 ``inference.generate.GenerationParams`` and its per-prompt results back onto the service's
@@ -22,12 +26,17 @@ from megatron.early_exit.server.service import GenerationResult, StreamItem, str
 class EngineGenerator:
     """A ``TextGenerator`` over an EarlyExitGPTModel and its tokenizer."""
 
-    decoding_methods = ("auto", "recompute", "speculative")
-
     def __init__(self, model, tokenizer, max_sequence_length: int | None = None):
         self.model = unwrap_model(model)
         self._tokenizer = tokenizer
         self._max_sequence_length = max_sequence_length or self.model.max_sequence_length
+        self._pipelined = self.model.config.pipeline_model_parallel_size > 1
+
+    @property
+    def decoding_methods(self) -> tuple[str, ...]:
+        if self._pipelined:
+            return ("auto", "pipelined")
+        return ("auto", "recompute", "speculative")
 
     @property
     def tokenizer(self):
@@ -63,7 +72,9 @@ class EngineGenerator:
         return ids or [self._tokenizer.eod]  # the engine needs at least one prompt token
 
     def _engine_params(self, params: GenerationParams) -> EngineParams:
-        method = "recompute" if params.decoding_method == "auto" else params.decoding_method
+        method = params.decoding_method
+        if method == "auto":
+            method = "pipelined" if self._pipelined else "recompute"
         return EngineParams(
             max_new_tokens=params.max_new_tokens,
             temperature=params.temperature,
