@@ -14,6 +14,10 @@ Confidence measures (all in [0, 1], higher means more confident):
 * ``"entropy"``: ``1 - H(p) / log(V)``, where ``H`` is the Shannon entropy in nats and ``V`` is the
   full last dimension of the logits (padded vocabulary entries included). 1 for a one-hot
   distribution, 0 for the uniform one.
+* ``"learned"``: the probability, predicted by the exit's small confidence head from its hidden
+  state, that the exit's top-1 token is the final head's (``--exit-confidence-head``). It needs
+  no vocabulary projection, so deciding not to exit costs a fraction of a layer; the engine
+  computes it (``ExitView.confidence``), and :func:`exit_mask` takes the values.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ from typing import NamedTuple
 
 import torch
 
-CONFIDENCE_MEASURES = ("max_prob", "margin", "entropy")
+CONFIDENCE_MEASURES = ("max_prob", "margin", "entropy", "learned")
+LOGIT_MEASURES = ("max_prob", "margin", "entropy")
+"""The measures that are functions of the exit's logits."""
 DEFAULT_CONFIDENCE_MEASURE = "max_prob"
 # The original server defaulted to 40.0, a threshold no probability reaches (early exit silently
 # off). 0.8 is a value that does exit on confident tokens, in the middle of the 0.6-0.9 range where
@@ -77,7 +83,9 @@ _MEASURES = {
 def confidence(logits: torch.Tensor, measure: str = DEFAULT_CONFIDENCE_MEASURE) -> torch.Tensor:
     """Confidence ``[b]`` (float32) of each row under ``measure`` (see ``CONFIDENCE_MEASURES``)."""
     if measure not in _MEASURES:
-        raise ValueError(f"measure must be one of {CONFIDENCE_MEASURES}, got {measure!r}")
+        raise ValueError(
+            f"measure must be one of {LOGIT_MEASURES} to be computed from logits, got {measure!r}"
+        )
     return _MEASURES[measure](logits)
 
 
@@ -158,16 +166,32 @@ def should_exit(
             exit this step) never exit. None means all rows are active.
     """
     _check_logits(logits)
-    batch_size = logits.shape[0]
+    if policy.threshold <= 0.0 or not policy.allows(exit_layer):
+        values = torch.zeros(logits.shape[0])  # not needed: the mask is decided without it
+    else:
+        values = confidence(logits, policy.measure)
+    return exit_mask(exit_layer, values, policy, active_mask)
+
+
+def exit_mask(
+    exit_layer: int,
+    confidence_values: torch.Tensor,
+    policy: ExitPolicy,
+    active_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-row exit decision from precomputed confidences ``[b]`` (any measure, e.g.
+    ``"learned"``): ``BoolTensor[b]``; see :func:`should_exit` for the other arguments."""
+    batch_size = confidence_values.shape[0]
     if active_mask is None:
-        active_mask = torch.ones(batch_size, dtype=torch.bool, device=logits.device)
+        active_mask = torch.ones(batch_size, dtype=torch.bool)
     if active_mask.shape != (batch_size,):
         raise ValueError(f"active_mask must have shape [{batch_size}], got {active_mask.shape}")
+    active_mask = active_mask.bool().cpu()
     if not policy.allows(exit_layer):
-        return torch.zeros_like(active_mask, dtype=torch.bool)
+        return torch.zeros_like(active_mask)
     if policy.threshold <= 0.0:
-        return active_mask.bool().clone()
-    return (confidence(logits, policy.measure) >= policy.threshold) & active_mask.bool()
+        return active_mask.clone()
+    return (confidence_values.float().cpu() >= policy.threshold) & active_mask
 
 
 class FirstExit(NamedTuple):

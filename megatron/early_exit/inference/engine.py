@@ -3,11 +3,15 @@
 :meth:`Engine.forward` feeds new tokens at the end of a :class:`KVCache` and walks the depths
 ``0..L``: before layer ``l`` the cache's pending positions whose K/V stops at ``l - 1`` join the
 chunk (catch-up of skipped layers, from their stored hidden states); after layer ``l`` every exit
-the caller asked for at depth ``l`` runs on the chunk (a block exit writes its own KV slot for
-every chunk position) and its logits at the last positions go to the caller's ``on_exit``
-callback, which may end the step there. A step that reaches depth ``L`` without being stopped
-ends with the final norm and head. Logits are gathered over tensor parallelism
-(``runtime_gather_output=True``), so every TP rank sees the same logits and decides alike.
+the caller asked for at depth ``l`` is offered to the caller's ``on_exit`` callback as an
+:class:`ExitView`, and the callback may end the step there. The view computes on demand: a
+block exit's own layer always runs (it writes the exit's KV slot for every chunk position), but
+the exit's transform, its confidence head and its vocabulary projection run only when the
+callback asks for them (``view.confidence()`` costs a small MLP; ``view.logits()`` the full
+projection), so a cheap decision pays for the projection only at the exit actually taken. A
+step that reaches depth ``L`` without being stopped ends with the final norm and head. Logits
+are gathered over tensor parallelism (``runtime_gather_output=True``), so every TP rank sees the
+same logits and decides alike.
 
 Multi-token chunks at an offset get an explicit ``[b, 1, n, offset + n]`` bool mask (megatron's
 local attention ignores the mask type once the offset is non-zero) and per-row RoPE tables, so
@@ -22,6 +26,7 @@ positions; only the PP=1 policies stop steps and rely on catch-up.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -30,8 +35,56 @@ import torch
 from megatron.early_exit.inference.kv_cache import KVCache
 from megatron.early_exit.model.exit_heads import BlockExit, LayerInputs
 
-ExitCallback = Callable[[int, torch.Tensor], bool]
-"""``on_exit(depth, logits[b, m, V]) -> stop``: called at each requested exit, in depth order."""
+
+class ExitView:
+    """One exit's outputs for the last ``m`` positions of a step's chunk, computed on demand."""
+
+    def __init__(self, engine: Engine, depth: int, states_fn: Callable[[], torch.Tensor]):
+        self.depth = depth
+        self.head = engine.model.exit_heads[engine.exit_configs[depth].key]
+        self._engine = engine
+        self._states_fn = states_fn
+        self._states: torch.Tensor | None = None
+        self._logits: torch.Tensor | None = None
+        self._confidence: torch.Tensor | None = None
+
+    @property
+    def states(self) -> torch.Tensor:
+        """``[m, b, h]`` the states the exit's output layer reads (after its transform)."""
+        if self._states is None:
+            self._states = self._states_fn()
+        return self._states
+
+    def logits(self) -> torch.Tensor:
+        """``[b, m, V]`` float32 logits, gathered over TP (the full vocabulary projection)."""
+        if self._logits is None:
+            head = self.head
+            weight = None if head.exit_config.untied else self._engine.model.tied_exit_weight()
+            logits, _ = head.output_layer(self.states, weight=weight, runtime_gather_output=True)
+            self._logits = logits.transpose(0, 1).float()  # [m, b, V] -> [b, m, V]
+            self._engine.counts["exit_projections"] += 1
+        return self._logits
+
+    @property
+    def has_confidence_head(self) -> bool:
+        return getattr(self.head, "confidence_head", None) is not None
+
+    def confidence(self) -> torch.Tensor:
+        """``[b, m]`` the learned confidence head's probability that this exit's top-1 token is
+        the final head's (a few multiply-adds per hidden unit, no vocabulary projection)."""
+        if not self.has_confidence_head:
+            raise ValueError(
+                f"the exit at depth {self.depth} has no confidence head (train one with "
+                "--exit-confidence-head), so measure 'learned' cannot be used"
+            )
+        if self._confidence is None:
+            self._confidence = self.head.confidence(self.states).transpose(0, 1).float()
+            self._engine.counts["confidence_heads"] += 1
+        return self._confidence
+
+
+ExitCallback = Callable[[int, ExitView], bool]
+"""``on_exit(depth, view) -> stop``: called at each requested exit, in depth order."""
 
 
 @dataclass
@@ -71,6 +124,9 @@ class Engine:
         """Depth of this stage's output (``num_layers`` on the last stage)."""
         self.is_first_stage = bool(model.pre_process)
         self.is_last_stage = bool(model.post_process)
+        self.counts: Counter[str] = Counter()
+        """Work done so far: ``layer_positions`` (positions x layers run), ``exit_projections``,
+        ``final_projections``, ``confidence_heads`` (the benchmark's cost accounting)."""
         self.exit_configs = {e.depth: e for e in model.local_exit_configs}
         self.uses_rope = getattr(model, "position_embedding_type", "") == "rope"
 
@@ -93,7 +149,6 @@ class Engine:
         num_logits: int = 1,
         *,
         hidden: torch.Tensor | None = None,
-        project_exit: Callable[[int], bool] | None = None,
         final_logits: bool = True,
     ) -> StepOutput:
         """Feed ``tokens[b, n]`` (first stage) or ``hidden[n, b, h]`` (later pipeline stages) at
@@ -104,8 +159,6 @@ class Engine:
                 KV for every chunk position; the others only see the last positions).
             on_exit: decides whether the step stops after an exit; None never stops.
             num_logits: how many trailing positions' logits exits and the final head return.
-            project_exit: asked before each exit's vocabulary projection; False skips the exit
-                (a block exit still runs its layer, so its KV stays complete). None: always.
             final_logits: whether a step that reaches the last layer runs the final head.
         """
         start = cache.length
@@ -120,10 +173,10 @@ class Engine:
                 start, hidden = self._join_pending(cache, depth, start, hidden)
                 layer = self.model.decoder.layers[depth - self.first_depth - 1]
                 hidden, _ = layer(hidden_states=hidden, **self._layer_inputs(cache, start, hidden))
+                self.counts["layer_positions"] += hidden.shape[0]
             if depth in depths:
-                project = project_exit is None or project_exit(depth)
-                logits = self._exit_logits(cache, depth, start, hidden, num_logits, project)
-                if logits is not None and on_exit is not None and on_exit(depth, logits):
+                view = self._exit_view(cache, depth, start, hidden, num_logits)
+                if on_exit is not None and on_exit(depth, view):
                     cache.update(start, depth, hidden)
                     return StepOutput(depth, None)
         # A pipeline stage records its positions as complete: every layer it holds has them.
@@ -150,20 +203,16 @@ class Engine:
         )
         return inputs.as_kwargs()
 
-    def _exit_logits(self, cache, depth, start, hidden, num_logits, project=True):
-        """Logits ``[b, m, V]`` of the exit at ``depth`` for the last ``m`` chunk positions
-        (None when ``project`` is False: only a block exit's layer runs, to fill its KV)."""
+    def _exit_view(self, cache, depth, start, hidden, num_logits) -> ExitView:
+        """The exit at ``depth`` over the last ``num_logits`` chunk positions. A block exit's
+        layer runs now on every position (it writes the exit's KV slot); other transforms wait
+        until the caller asks."""
         head = self.model.exit_heads[self.exit_configs[depth].key]
-        if isinstance(head, BlockExit):  # its layer needs every position (KV), then slice
+        if isinstance(head, BlockExit):
             layer_inputs = LayerInputs(**self._layer_inputs(cache, start, hidden))
             states = head.transform(hidden, layer_inputs)[-num_logits:]
-        elif project:
-            states = head.transform(hidden[-num_logits:], None)
-        if not project:
-            return None
-        weight = None if head.exit_config.untied else self.model.tied_exit_weight()
-        logits, _ = head.output_layer(states, weight=weight, runtime_gather_output=True)
-        return logits.transpose(0, 1).float()  # [m, b, V] -> [b, m, V]
+            return ExitView(self, depth, lambda: states)
+        return ExitView(self, depth, lambda: head.transform(hidden[-num_logits:], None))
 
     def _final_logits(self, hidden: torch.Tensor, num_logits: int) -> torch.Tensor:
         model = self.model
@@ -174,4 +223,5 @@ class Engine:
         if model.share_embeddings_and_output_weights:
             weight = model.shared_embedding_or_output_weight()
         logits, _ = model.output_layer(states, weight=weight, runtime_gather_output=True)
+        self.counts["final_projections"] += 1
         return logits.transpose(0, 1).float()  # [m, b, V] -> [b, m, V]

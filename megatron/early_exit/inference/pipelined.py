@@ -41,10 +41,10 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron.early_exit.inference.decide import ExitPolicy, should_exit
-from megatron.early_exit.inference.engine import Engine
+from megatron.early_exit.inference.decide import ExitPolicy
+from megatron.early_exit.inference.engine import Engine, ExitView
 from megatron.early_exit.inference.kv_cache import KVCache
-from megatron.early_exit.inference.policies import DecodeState, Emitted
+from megatron.early_exit.inference.policies import DecodeState, Emitted, decide_rows
 from megatron.early_exit.model.placement import exit_heads_on_stage
 from megatron.early_exit.pipeline.comm import StageCommunicator
 
@@ -126,10 +126,10 @@ class _StageRunner:
         """Run the stage's layers and exits for ``step``; returns the output hidden states."""
         sampler, num_layers = self.state.sampler, self.engine.num_layers
 
-        def on_exit(depth: int, logits: torch.Tensor) -> bool:
-            fired = should_exit(depth, logits[:, -1].cpu(), self.policy, step.undecided)
+        def on_exit(depth: int, view: ExitView) -> bool:
+            fired = decide_rows(view, self.policy, step.undecided)
             if fired.any():
-                new_tokens, new_logprobs = sampler.sample(logits[:, -1], fired, step.index)
+                new_tokens, new_logprobs = sampler.sample(view.logits()[:, -1], fired, step.index)
                 step.take(fired, new_tokens, new_logprobs, depth)
             return False  # never stop: the deeper layers of this stage still need the KV
 
@@ -139,7 +139,6 @@ class _StageRunner:
             self.local_exits,
             on_exit,
             hidden=hidden,
-            project_exit=lambda _depth: bool(step.undecided.any()),
             final_logits=bool(step.undecided.any()),
         )
         if out.final_logits is not None:

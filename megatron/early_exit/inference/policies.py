@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron.early_exit.inference.decide import ExitPolicy, should_exit
-from megatron.early_exit.inference.engine import Engine
+from megatron.early_exit.inference.decide import ExitPolicy, confidence, exit_mask
+from megatron.early_exit.inference.engine import Engine, ExitView
 from megatron.early_exit.inference.kv_cache import KVCache
 from megatron.early_exit.inference.sampling import (
     greedy_verify,
@@ -85,6 +85,21 @@ class RowSampler:
             return token_logprobs(logits.cpu(), tokens)
         lp = sampling_logprobs(logits.cpu(), self.temperature, self.top_k, self.top_p)
         return lp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def decide_rows(view: ExitView, policy: ExitPolicy, rows: torch.Tensor) -> torch.Tensor:
+    """Which of ``rows`` (bool ``[b]``) exit at ``view``'s exit, from the last position.
+
+    Computes only what the decision needs: nothing for threshold 0 or a disallowed exit, the
+    confidence head for ``"learned"``, the vocabulary projection for the logit measures.
+    """
+    if not rows.any() or policy.threshold <= 0.0 or not policy.allows(view.depth):
+        return exit_mask(view.depth, torch.zeros(rows.shape[0]), policy, rows)
+    if policy.measure == "learned":
+        values = view.confidence()[:, -1]
+    else:
+        values = confidence(view.logits()[:, -1].cpu(), policy.measure)
+    return exit_mask(view.depth, values, policy, rows)
 
 
 def _step_seed(seed: int, step: int) -> int:
@@ -152,11 +167,11 @@ class KVRecompute(KVFillPolicy):
         depths = torch.full((batch_size,), engine.num_layers, dtype=torch.long)
         undecided = state.active.clone()
 
-        def on_exit(depth: int, logits: torch.Tensor) -> bool:
-            fired = should_exit(depth, logits[:, -1].cpu(), self.exit_policy, undecided)
+        def on_exit(depth: int, view: ExitView) -> bool:
+            fired = decide_rows(view, self.exit_policy, undecided)
             if fired.any():
                 new_tokens, new_logprobs = state.sampler.sample(
-                    logits[:, -1], fired, state.num_generated
+                    view.logits()[:, -1], fired, state.num_generated
                 )
                 tokens[fired], logprobs[fired], depths[fired] = (
                     new_tokens[fired], new_logprobs[fired], depth,
@@ -215,8 +230,8 @@ class SelfSpeculative(KVFillPolicy):
         drafts, draft_probs, inputs = [], [], state.inputs
         captured: list[torch.Tensor] = []
 
-        def stop_here(depth: int, logits: torch.Tensor) -> bool:
-            captured.append(logits[:, -1])
+        def stop_here(depth: int, view: ExitView) -> bool:
+            captured.append(view.logits()[:, -1])
             return True
 
         for _ in range(self.num_draft_tokens):

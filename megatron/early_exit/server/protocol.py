@@ -44,7 +44,7 @@ from megatron.early_exit.inference.decide import (
     ExitPolicy,
 )
 
-ConfidenceMeasure = Literal["max_prob", "margin", "entropy"]
+ConfidenceMeasure = Literal["max_prob", "margin", "entropy", "learned"]
 assert set(get_args(ConfidenceMeasure)) == set(CONFIDENCE_MEASURES)
 DecodingMethod = Literal["auto", "recompute", "pipelined", "speculative"]
 DECODING_METHODS: tuple[str, ...] = get_args(DecodingMethod)
