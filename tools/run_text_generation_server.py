@@ -58,7 +58,7 @@ def build_generator(args, tensor_parallel_size: int, pipeline_parallel_size: int
         checkpoint_config,
         make_trainer,
     )
-    from megatron.early_exit.data.tokenizers import build_tokenizer
+    from megatron.early_exit.data.tokenizers import checkpoint_tokenizer
     from megatron.early_exit.model.placement import tied_exit_stages
     from megatron.early_exit.server.engine_generator import EngineGenerator
     from megatron.early_exit.training.checkpointing import load_checkpoint, read_checkpoint_info
@@ -74,13 +74,10 @@ def build_generator(args, tensor_parallel_size: int, pipeline_parallel_size: int
     )
     model = build_model(config, info.model)
     load_checkpoint(args.load, make_trainer(model), load_optimizer=False)
-    tokenizer_info = dict(info.model_args.get("tokenizer") or {})
-    if args.tokenizer_model:
-        tokenizer_info["tokenizer_model"] = args.tokenizer_model
-    if not tokenizer_info.get("tokenizer_type"):
-        raise SystemExit(f"{args.load} records no tokenizer; pass --tokenizer-model")
-    kind = tokenizer_info.pop("tokenizer_type")
-    tokenizer = build_tokenizer(kind, **{k: v for k, v in tokenizer_info.items() if v is not None})
+    try:
+        tokenizer = checkpoint_tokenizer(info, args.tokenizer_model)
+    except ValueError as error:
+        raise SystemExit(f"{args.load}: {error}") from None
     return EngineGenerator(model, tokenizer, info.model["max_sequence_length"])
 
 

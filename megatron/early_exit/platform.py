@@ -325,12 +325,23 @@ class ParallelLayout:
     data_parallel_rank: int
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _init_process_group(timeout_s: float) -> None:
     import torch.distributed as dist
 
     if dist.is_initialized():
         return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "WORLD_SIZE" not in os.environ and "MASTER_PORT" not in os.environ:
+        # A plain single process: any free port, so two such jobs can run side by side.
+        os.environ["MASTER_PORT"] = str(_free_port())
     os.environ.setdefault("MASTER_PORT", "29500")
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")

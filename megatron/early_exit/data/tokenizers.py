@@ -393,3 +393,16 @@ def build_tokenizer(
         f"--tokenizer-type {tokenizer_type!r} is not supported; choose one of "
         + ", ".join(TOKENIZER_TYPES)
     )
+
+
+def checkpoint_tokenizer(info, tokenizer_model: str | None = None):
+    """The tokenizer a checkpoint records (``CheckpointInfo.model_args["tokenizer"]``);
+    ``tokenizer_model`` overrides the recorded model file or directory. ValueError when the
+    checkpoint records none."""
+    recorded = dict(info.model_args.get("tokenizer") or {})
+    if tokenizer_model:
+        recorded["tokenizer_model"] = tokenizer_model
+    kind = recorded.pop("tokenizer_type", None)
+    if not kind:
+        raise ValueError("the checkpoint records no tokenizer; pass --tokenizer-model")
+    return build_tokenizer(kind, **{k: v for k, v in recorded.items() if v is not None})
