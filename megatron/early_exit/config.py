@@ -60,8 +60,15 @@ class ExitHeadConfig:
     untied: bool = False
     """Own vocab-parallel output layer instead of sharing the word embedding."""
 
+    confidence_hidden_size: int = 0
+    """Width ``c`` of the exit's learned confidence head (``--exit-confidence-hidden-size``); 0
+    means the exit has none. The head, ``Linear(h, c) -> GELU -> Linear(c, 1)`` on the state the
+    exit's output layer reads, predicts whether the exit's top-1 token equals the final head's,
+    for ``h*c + c`` multiply-adds per token instead of the exit's vocabulary projection."""
+
     def __post_init__(self):
         _check_int("layer_number", self.layer_number, minimum=1)
+        _check_int("confidence_hidden_size", self.confidence_hidden_size, minimum=0)
         if self.structure not in EXIT_STRUCTURES:
             raise ValueError(
                 f"exit structure: unknown value {self.structure!r} for the exit at layer "
@@ -114,11 +121,21 @@ class EarlyExitTransformerConfig(TransformerConfig):
     untie_embeddings_and_output_weights: bool = False
     """The final output layer has its own weight instead of the word embedding."""
 
+    exit_kl_weight: float = 0.0
+    """``W`` of the distillation term: each exit's objective becomes ``CE + W * KL(final ||
+    exit)``, the final head's distribution (detached) as the teacher and the exit's
+    temperature-scaled distribution as the student (``--exit-kl-weight``). 0 switches it off."""
+
+    exit_confidence_loss_weight: float = 1.0
+    """Weight ``c`` of the confidence heads' binary cross entropy in each exit's objective
+    (``--exit-confidence-loss-weight``); used only by exits with a confidence head."""
+
     def __post_init__(self):
         super().__post_init__()
         self.exit_heads = tuple(sorted(self.exit_heads, key=lambda e: e.depth))
         self._validate_exit_heads()
         self._validate_loss_schedule()
+        self._validate_final_head_weights()
 
     def _validate_exit_heads(self) -> None:
         seen: dict[int, ExitHeadConfig] = {}
@@ -181,6 +198,40 @@ class EarlyExitTransformerConfig(TransformerConfig):
                 "include_final_loss: dropping the final loss needs at least one exit head"
             )
 
+    def _validate_final_head_weights(self) -> None:
+        for name in ("exit_kl_weight", "exit_confidence_loss_weight"):
+            value = getattr(self, name)
+            if not _is_finite(value) or value < 0:
+                raise ValueError(f"{name}: must be a finite number >= 0, got {value!r}")
+
+    def check_trainable_final_head_targets(self) -> None:
+        """Training-time rule (the pipeline schedule and the entry point call it; inference of a
+        model with confidence heads works in any layout): exits whose loss learns from the final
+        head's logits (distillation, confidence heads) must be on the last pipeline stage."""
+        if not self.exits_use_final_logits:
+            return
+        # The teacher is the final head's output of the same microbatch, which only the last
+        # pipeline stage has; sending the final logits back to earlier stages is not supported.
+        from megatron.early_exit.model.placement import exit_heads_on_stage
+
+        last_stage = self.pipeline_model_parallel_size - 1
+        on_last_stage = set(exit_heads_on_stage(self, last_stage))
+        for exit_head in self.exit_heads:
+            if exit_head not in on_last_stage:
+                raise ValueError(
+                    "exit_kl_weight / confidence_hidden_size (--exit-kl-weight, "
+                    "--exit-confidence-head): the exit at layer "
+                    f"{exit_head.layer_number} is not on the last of "
+                    f"{self.pipeline_model_parallel_size} pipeline stages, where the final "
+                    "head's logits it learns from are; use pipeline_model_parallel_size=1 or "
+                    "put every exit on the last stage"
+                )
+
+    @property
+    def exits_use_final_logits(self) -> bool:
+        """Whether exit losses need the final head's logits (distillation or confidence)."""
+        return self.exit_kl_weight > 0 or any(e.confidence_hidden_size for e in self.exit_heads)
+
     def exit_head(self, depth: int) -> ExitHeadConfig:
         """The exit at ``depth``; KeyError if there is none."""
         for exit_head in self.exit_heads:
@@ -198,6 +249,7 @@ def make_exit_heads(
     loss_weights_init: Sequence[float] | None = None,
     temperatures: Sequence[float] | None = None,
     untied: bool = False,
+    confidence_hidden_size: int = 0,
 ) -> tuple[ExitHeadConfig, ...]:
     """Build exit records from EE-LLM-style parallel lists (``--exit-layer-nums``,
     ``--exit-layer-weight``, ...). Each list must have one entry per exit layer.
@@ -225,6 +277,7 @@ def make_exit_heads(
             loss_weight_init=0.0 if loss_weights_init is None else loss_weights_init[i],
             temperature=1.0 if temperatures is None else temperatures[i],
             untied=untied,
+            confidence_hidden_size=confidence_hidden_size,
         )
         for i, layer_number in enumerate(layer_numbers)
     )

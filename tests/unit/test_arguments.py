@@ -111,7 +111,8 @@ def test_config_level_errors_name_the_field(flags, message):
         ("--finetune", "--finetune needs --load"),
         ("--normalization BatchNorm", "invalid choice: 'BatchNorm'"),
         ("--exit-layer-nums 1 --tune-exit-pipeline-parallel-size 2", "needs --tune-exit"),
-        ("--exit-layer-nums 1 --tune-exit --tune-exit-pipeline-parallel-size 1", "not supported"),
+        ("--exit-layer-nums 1 --tune-exit --tune-exit-pipeline-parallel-size 1", "needs --load"),
+        ("--exit-layer-nums 1 --tune-exit --tune-exit-pipeline-parallel-size 0", "must be >= 1"),
     ],
 )
 def test_bad_flags_stop_with_their_name(flags, message, capsys):

@@ -8,6 +8,11 @@ passes the word embedding it shares (``output_weight``). Under sequence parallel
 sequence-sharded; the projection all-gathers it, the norm works on the local shard with
 parameters tagged for the SP gradient reduction, and the MLP/transformer layer handle SP
 themselves.
+
+The two halves are public for callers that need the state between them (the inference engine,
+the confidence head): ``transform(hidden, layer_inputs) -> states`` then ``project(states,
+output_weight) -> logits``. An exit with ``confidence_hidden_size > 0`` also has a
+:class:`ConfidenceHead` on ``states``; see :meth:`ExitHead.confidence`.
 """
 
 from __future__ import annotations
@@ -47,6 +52,34 @@ class LayerInputs:
         }
 
 
+class ConfidenceHead(torch.nn.Module):
+    """``Linear(h, c) -> GELU -> Linear(c, 1)``: one logit per token that the exit's top-1 token
+    is the final head's top-1 token. ``h*c + c`` multiply-adds per token.
+
+    Its parameters are replicated over TP (saved once, from TP rank 0). Under sequence
+    parallelism it runs on the local sequence shard, so, like megatron-core's norms and MoE
+    router, its parameters are tagged ``sequence_parallel`` and ``finalize_model_grads`` sums
+    their per-shard gradients over the TP group.
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(config.hidden_size, hidden_size, dtype=config.params_dtype)
+        self.fc2 = torch.nn.Linear(hidden_size, 1, dtype=config.params_dtype)
+        with torch.no_grad():
+            for linear in (self.fc1, self.fc2):
+                if config.perform_initialization:
+                    config.init_method(linear.weight)
+                linear.bias.zero_()
+        for param in self.parameters():
+            param.sequence_parallel = bool(config.sequence_parallel)
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        """Confidence logits ``[...]`` of ``states`` ``[..., h]``."""
+        hidden = torch.nn.functional.gelu(self.fc1(states))
+        return self.fc2(hidden).squeeze(-1)
+
+
 def _build_norm(config: TransformerConfig) -> torch.nn.Module:
     return build_module(
         norm_module(config),
@@ -81,6 +114,9 @@ class ExitHead(MegatronModule):
         )
         if self.output_layer.weight is not None:
             self.output_layer.weight.is_embedding_or_output_parameter = True
+        self.confidence_head = None
+        if exit_config.confidence_hidden_size:
+            self.confidence_head = ConfidenceHead(config, exit_config.confidence_hidden_size)
 
     def transform(self, hidden_states: torch.Tensor, layer_inputs: LayerInputs | None):
         """Structure-specific part; the identity for the plain output head."""
@@ -93,7 +129,46 @@ class ExitHead(MegatronModule):
         layer_inputs: LayerInputs | None = None,
         runtime_gather_output: bool | None = None,
     ) -> torch.Tensor:
-        hidden_states = self.transform(hidden_states, layer_inputs)
+        states = self.transform(hidden_states, layer_inputs)
+        return self.project(states, output_weight, runtime_gather_output)
+
+    def confidence_logits(self, states: torch.Tensor) -> torch.Tensor:
+        """The confidence head's logits ``[...]`` for ``states`` ``[..., h]`` (training uses
+        these with a binary cross entropy; :meth:`confidence` is their sigmoid)."""
+        if self.confidence_head is None:
+            raise ValueError(
+                f"exit at depth {self.exit_config.depth} has no confidence head "
+                "(confidence_hidden_size=0; --exit-confidence-head)"
+            )
+        return self.confidence_head(states)
+
+    def confidence(self, states: torch.Tensor) -> torch.Tensor:
+        """Predicted probability, per token, that this exit's top-1 token equals the final
+        head's top-1 token: a cheap exit decision made before the vocabulary projection.
+
+        Args:
+            states: ``[..., h]``, what :meth:`transform` returned (the state :meth:`project`
+                would read), e.g. ``[m, b, h]`` for the last ``m`` positions of ``b`` rows; the
+                full hidden size on every TP rank (not sequence-sharded).
+        Returns:
+            ``[...]`` float32 probabilities in (0, 1), e.g. ``[m, b]``; identical on every TP
+            rank (the head is replicated). No gradient is needed: call it under
+            ``torch.no_grad()``.
+        Raises:
+            ValueError: when the exit was built without a confidence head.
+        """
+        return torch.sigmoid(self.confidence_logits(states).float())
+
+    def project(
+        self,
+        states: torch.Tensor,
+        output_weight: torch.Tensor | None = None,
+        runtime_gather_output: bool | None = None,
+    ) -> torch.Tensor:
+        """The vocab-parallel projection of :meth:`transform`'s output: ``[s, b, v/tp]``.
+
+        A tied exit projects with ``output_weight`` (the word embedding the model passes).
+        """
         if self.exit_config.untied:
             output_weight = None
         elif output_weight is None:
@@ -102,7 +177,7 @@ class ExitHead(MegatronModule):
                 "pass output_weight"
             )
         logits, _ = self.output_layer(
-            hidden_states, weight=output_weight, runtime_gather_output=runtime_gather_output
+            states, weight=output_weight, runtime_gather_output=runtime_gather_output
         )
         return logits  # [s, b, v/tp] (or [s, b, v] when gathered)
 

@@ -19,6 +19,13 @@ Forward returns ``(output, exit_outputs)``:
   objects that compute the same thing later (the pipeline schedule runs them right before the
   microbatch's backward, so exit logits of only one microbatch are alive at a time).
 
+Learning from the final head (distillation, ``exit_kl_weight > 0``; confidence heads): with labels,
+a forward hook on the final output layer turns its logits into :class:`FinalHeadTargets` (teacher
+log-probabilities, top-1 tokens) before the final cross entropy overwrites them, and hands them to
+every exit of the microbatch. The per-token loss an exit returns is still its cross entropy in
+value; the KL and confidence terms ride on it through ``AttachAuxiliaryLoss`` (see ``losses.py``)
+and are kept, per token and detached, in :attr:`PendingExit.components`.
+
 Tied exits share the word embedding: on the first stage the embedding itself, on the last stage
 megatron-core's tied output weight, on any other stage a copy (``early_exit_word_embeddings``)
 that joins megatron-core's embedding group, so it starts equal to the embedding and its gradient
@@ -29,7 +36,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -44,7 +51,15 @@ from megatron.early_exit import platform
 from megatron.early_exit.config import EarlyExitTransformerConfig, ExitHeadConfig
 from megatron.early_exit.model.exit_heads import LayerInputs, build_exit_head
 from megatron.early_exit.model.layer_specs import decoder_block_spec
-from megatron.early_exit.model.losses import vocab_parallel_max_prob
+from megatron.early_exit.model.losses import (
+    FinalHeadTargets,
+    attach_auxiliary_loss,
+    confidence_loss,
+    final_head_targets,
+    vocab_parallel_argmax,
+    vocab_parallel_kl_divergence,
+    vocab_parallel_max_prob,
+)
 from megatron.early_exit.model.placement import exit_heads_on_stage
 
 
@@ -58,6 +73,11 @@ class PendingExit:
     layer_inputs: LayerInputs
     labels: torch.Tensor | None
     runtime_gather_output: bool | None = None
+    final_targets: FinalHeadTargets | None = None
+    components: dict[str, torch.Tensor] = field(default_factory=dict)
+    """After :meth:`compute` with labels: the exit's extra per-token loss terms ``[b, s]``,
+    detached and unweighted: ``"kl"`` (distillation) and ``"confidence"`` (the confidence
+    head's binary cross entropy), those the model uses."""
 
     def compute(self) -> torch.Tensor:
         """Per-token loss ``[b, s]`` when labels were given, else logits ``[b, s, v(/tp)]``."""
@@ -67,6 +87,8 @@ class PendingExit:
             self.layer_inputs,
             labels=self.labels,
             runtime_gather_output=self.runtime_gather_output,
+            final_targets=self.final_targets,
+            components=self.components,
         )
 
 
@@ -213,7 +235,10 @@ class EarlyExitGPTModel(GPTModel):
             defer_exits: return :class:`PendingExit` objects instead of computing the exits.
             stop_after_exits: skip the layers after the deepest exit asked for (EE-Tuning on
                 the deepest stage with exits: nothing after it has a loss). ``output`` is then
-                None. Only without autograd, where abandoning the forward leaves no graph.
+                None. Only without autograd, where abandoning the forward leaves no graph. When
+                the exits learn from the final head (distillation, confidence heads) and labels
+                are given, the forward runs to the final head anyway and ``output`` is the final
+                per-token loss.
         """
         decoder_input, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin, seq_offset, _ = (
             self._preprocess(
@@ -225,7 +250,10 @@ class EarlyExitGPTModel(GPTModel):
             )[:6]
         )
         wanted = self._select_exits(exit_depths)
-        if stop_after_exits:
+        targets_needed = self._final_head_targets_needed(wanted, labels)
+        if stop_after_exits and torch.is_grad_enabled():
+            raise ValueError("stop_after_exits: only supported without autograd (EE-Tuning)")
+        if stop_after_exits and not any(targets_needed):
             return self._forward_until_exits(
                 wanted, decoder_input, attention_mask, rotary_pos_emb, labels, defer_exits
             )
@@ -240,28 +268,30 @@ class EarlyExitGPTModel(GPTModel):
                 packed_seq_params=packed_seq_params,
                 sequence_len_offset=seq_offset,
             )
-        output = self._postprocess(
-            hidden_states=hidden_states,
-            input_ids=input_ids,
-            position_ids=position_ids,
-            labels=labels,
-            rotary_pos_emb=rotary_pos_emb,
-            rotary_pos_cos=rotary_pos_cos,
-            rotary_pos_sin=rotary_pos_sin,
-            loss_mask=loss_mask,
-            decoder_input=decoder_input,
-            attention_mask=attention_mask,
-            packed_seq_params=packed_seq_params,
-            sequence_len_offset=seq_offset,
-            runtime_gather_output=runtime_gather_output,
-            inference_context=inference_context,
-        )
+        with self._capture_final_head_targets(*targets_needed) as captured:
+            output = self._postprocess(
+                hidden_states=hidden_states,
+                input_ids=input_ids,
+                position_ids=position_ids,
+                labels=labels,
+                rotary_pos_emb=rotary_pos_emb,
+                rotary_pos_cos=rotary_pos_cos,
+                rotary_pos_sin=rotary_pos_sin,
+                loss_mask=loss_mask,
+                decoder_input=decoder_input,
+                attention_mask=attention_mask,
+                packed_seq_params=packed_seq_params,
+                sequence_len_offset=seq_offset,
+                runtime_gather_output=runtime_gather_output,
+                inference_context=inference_context,
+            )
         layer_inputs = LayerInputs(
             attention_mask, rotary_pos_emb, inference_context, packed_seq_params
         )
+        targets = captured.get("targets")
         pending = {
             depth: PendingExit(
-                self, depth, recorded[depth], layer_inputs, labels, runtime_gather_output
+                self, depth, recorded[depth], layer_inputs, labels, runtime_gather_output, targets
             )
             for depth in sorted(recorded)
         }
@@ -272,8 +302,6 @@ class EarlyExitGPTModel(GPTModel):
     def _forward_until_exits(
         self, wanted, decoder_input, attention_mask, rotary_pos_emb, labels, defer_exits
     ):
-        if torch.is_grad_enabled():
-            raise ValueError("stop_after_exits: only supported without autograd (EE-Tuning)")
         if not wanted:
             raise ValueError("stop_after_exits: this stage evaluates no exit")
         deepest = max(wanted, key=lambda e: e.depth)
@@ -312,6 +340,44 @@ class EarlyExitGPTModel(GPTModel):
             )
         return tuple(e for e in self.local_exit_configs if e.depth in wanted)
 
+    def _final_head_targets_needed(
+        self, wanted: tuple[ExitHeadConfig, ...], labels: torch.Tensor | None
+    ) -> tuple[bool, bool]:
+        """Whether the evaluated exits need the final head's (log-probabilities, top-1)."""
+        if labels is None or not wanted:
+            return False, False
+        needed = (
+            self.config.exit_kl_weight > 0,
+            any(e.confidence_hidden_size for e in wanted),
+        )
+        if any(needed) and not self.post_process:
+            raise ValueError(
+                "exit_kl_weight / confidence heads: the exits of this pipeline stage need the "
+                "final head's logits, which only the last stage has"
+            )  # EarlyExitTransformerConfig rejects such a placement; this is a safety net
+        return needed
+
+    @contextlib.contextmanager
+    def _capture_final_head_targets(self, log_probs: bool, top1: bool):
+        """During one ``_postprocess``: turn the final output layer's logits into
+        :class:`FinalHeadTargets` (``captured["targets"]``) before the cross entropy runs."""
+        captured: dict[str, FinalHeadTargets] = {}
+        if not (log_probs or top1):
+            yield captured
+            return
+
+        def hook(module, args, output):
+            logits = output[0] if isinstance(output, tuple) else output  # [s, b, v/tp]
+            captured["targets"] = final_head_targets(
+                logits.detach(), log_probs=log_probs, top1=top1, tp_group=self.pg_collection.tp
+            )
+
+        handle = self.output_layer.register_forward_hook(hook)
+        try:
+            yield captured
+        finally:
+            handle.remove()
+
     @contextlib.contextmanager
     def _record_exit_inputs(self, exit_configs: tuple[ExitHeadConfig, ...]):
         """Record, during one decoder call, the hidden state each exit reads."""
@@ -339,31 +405,96 @@ class EarlyExitGPTModel(GPTModel):
         layer_inputs: LayerInputs | None = None,
         labels: torch.Tensor | None = None,
         runtime_gather_output: bool | None = None,
+        final_targets: FinalHeadTargets | None = None,
+        components: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Apply exit head ``depth`` to ``hidden_states`` ``[s(/tp), b, h]``.
 
         Returns the per-token loss ``[b, s]`` (temperature-scaled logits, optionally weighted by
         the exit's stop-gradient confidence) when ``labels`` are given, else logits ``[b, s, v]``.
+        With ``exit_kl_weight > 0`` or a confidence head, the loss needs ``final_targets`` (the
+        forward supplies them) and carries the gradient of ``W * KL + c * BCE`` (see
+        ``losses.py``); its value stays the cross entropy. ``components``, when given, receives
+        those terms per token, detached (``"kl"``, ``"confidence"``).
         """
         exit_config = self.config.exit_head(depth)
         if labels is None and runtime_gather_output is None:
             runtime_gather_output = not self.parallel_output
-        logits = self.exit_heads[exit_config.key](
-            hidden_states,
-            output_weight=self.tied_exit_weight(),
-            layer_inputs=layer_inputs,
+        head = self.exit_heads[exit_config.key]
+        states = head.transform(hidden_states, layer_inputs)
+        logits = head.project(
+            states,
+            self.tied_exit_weight(),
             runtime_gather_output=False if labels is not None else runtime_gather_output,
         )
         if labels is None:
             return logits.transpose(0, 1).contiguous()  # [s, b, v] -> [b, s, v]
+        # Everything that reads the logits runs before the cross entropy: megatron's
+        # vocab-parallel CE overwrites its fp32 input.
+        self._check_final_targets(exit_config, final_targets)
+        auxiliary: dict[str, torch.Tensor] = {}  # unweighted per-token terms [b, s]
+        if exit_config.confidence_hidden_size:
+            auxiliary["confidence"] = self._confidence_loss(head, states, logits, final_targets)
         if exit_config.temperature != 1.0:
             logits = logits / exit_config.temperature
+        if self.config.exit_kl_weight > 0:
+            auxiliary["kl"] = vocab_parallel_kl_divergence(
+                final_targets.log_probs, logits, self.pg_collection.tp
+            ).transpose(0, 1)  # [s, b] -> [b, s]
         confidence = None
         if self.config.dynamic_exit_loss_weight:
-            # Before the cross entropy: megatron's vocab-parallel CE overwrites its fp32 input.
             confidence = vocab_parallel_max_prob(logits, self.pg_collection.tp).transpose(0, 1)
         loss = self.compute_language_model_loss(labels, logits)
-        return loss if confidence is None else loss * confidence
+        loss = loss if confidence is None else loss * confidence
+        if components is not None:
+            components.update({name: term.detach() for name, term in auxiliary.items()})
+        if not auxiliary:
+            return loss
+        weights = {
+            "kl": self.config.exit_kl_weight,
+            "confidence": self.config.exit_confidence_loss_weight,
+        }
+        weighted = [weights[name] * term for name, term in auxiliary.items()]
+        return attach_auxiliary_loss(loss, torch.stack(weighted).sum(dim=0))
+
+    def _check_final_targets(
+        self, exit_config: ExitHeadConfig, final_targets: FinalHeadTargets | None
+    ) -> None:
+        needs_log_probs = self.config.exit_kl_weight > 0
+        needs_top1 = bool(exit_config.confidence_hidden_size)
+        if not (needs_log_probs or needs_top1):
+            return
+        if (
+            final_targets is None
+            or (needs_log_probs and final_targets.log_probs is None)
+            or (needs_top1 and final_targets.top1 is None)
+        ):
+            raise ValueError(
+                f"exit at depth {exit_config.depth}: its loss needs the final head's logits "
+                "(exit_kl_weight > 0 or a confidence head); run it through the model's forward "
+                "with labels"
+            )
+
+    def _confidence_loss(
+        self,
+        head,
+        states: torch.Tensor,
+        logits: torch.Tensor,
+        final_targets: FinalHeadTargets,
+    ) -> torch.Tensor:
+        """Per-token BCE ``[b, s]`` of the exit's confidence head; its target compares the
+        exit's top-1 token (of the untempered logits, as decoding sees them) with the final
+        head's."""
+        # The head reads the exit's state detached: it probes the exit and its loss does not
+        # reshape the exit. Under SP the state is this rank's sequence shard.
+        confidence_logits = head.confidence_logits(states.detach())  # [s(/tp), b]
+        if self.config.sequence_parallel:
+            confidence_logits = tensor_parallel.gather_from_sequence_parallel_region(
+                confidence_logits, tensor_parallel_output_grad=False, group=self.pg_collection.tp
+            )  # [s/tp, b] -> [s, b]; backward: this rank's slice (the loss is replicated)
+        exit_top1 = vocab_parallel_argmax(logits, self.pg_collection.tp)
+        bce = confidence_loss(confidence_logits, exit_top1, final_targets.top1)
+        return bce.transpose(0, 1)  # [s, b] -> [b, s]
 
     # ---------------------------------------------------------------------------------------
     # Distributed checkpointing

@@ -116,11 +116,13 @@ class StageExecutor:
     def _eval_forward(self, action: Action, batch: dict, losses: StageLosses) -> None:
         with torch.no_grad():
             self._receive_input(action, requires_grad=False)
-            output, exits = self._model_forward(batch, defer=False)
+            output, exits = self._model_forward(batch, defer=True)
             if action.send_output_to_next:
                 self.comm.send_next(output)
-            for depth, per_token in exits.items():
+            for depth, pending in exits.items():
+                per_token = pending.compute() if hasattr(pending, "compute") else pending
                 losses.add(f"exit_{depth}", masked_mean(per_token, batch["loss_mask"]))
+                _add_components(losses, depth, pending, batch["loss_mask"])
             if self.module.post_process:
                 losses.add("final", masked_mean(output, batch["loss_mask"]))
 
@@ -165,6 +167,7 @@ class StageExecutor:
             per_token = value.compute() if hasattr(value, "compute") else value
             loss = masked_mean(per_token, stored.batch["loss_mask"])
             losses.add(f"exit_{depth}", loss)
+            _add_components(losses, depth, value, stored.batch["loss_mask"])
             terms.append(self._scale(self.options.exit_weights[depth] * loss))
         return terms
 
@@ -190,6 +193,13 @@ class StageExecutor:
             defer_exits=defer,
             stop_after_exits=stop_after_exits,
         )
+
+
+def _add_components(losses: StageLosses, depth: int, pending, loss_mask: torch.Tensor) -> None:
+    """Report an exit's auxiliary terms (``kl``, ``confidence``; detached, per token) as
+    ``<name>_<depth>``; they are already part of the exit's loss gradient."""
+    for name, term in getattr(pending, "components", {}).items():
+        losses.add(f"{name}_{depth}", masked_mean(term, loss_mask))
 
 
 def _forwards_without_backward(plan: list[Action]) -> set:

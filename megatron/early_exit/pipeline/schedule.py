@@ -41,6 +41,8 @@ def run_pipeline(
     """Run this stage's part of one iteration; returns the mean of every loss any stage computed
     (``final`` and ``exit_<depth>``) over microbatches and data-parallel replicas, identical on
     every rank."""
+    if mode in ("train", "tune"):
+        config.check_trainable_final_head_targets()
     num_stages = parallel_state.get_pipeline_model_parallel_world_size()
     stage = parallel_state.get_pipeline_model_parallel_rank()
     plan = build_plan(

@@ -9,6 +9,7 @@ values stop with a message that names them (argparse's ``error``: exit status 2)
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,8 @@ from megatron.early_exit.config import EarlyExitTransformerConfig, make_exit_hea
 from megatron.early_exit.data.tokenizers import TOKENIZER_TYPES
 from megatron.early_exit.pipeline.bubble_fill import FillConfig
 from megatron.early_exit.training.loop import TrainingConfig
+
+DEFAULT_CONFIDENCE_HIDDEN_SIZE = 64
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,13 +83,32 @@ def _exit_flags(group) -> None:
     add("--exit-layer-weight-warmup-style", choices=("linear", "cosine"), default="linear")
     add("--exit-layer-temperature", type=float, nargs="+", default=None, help="default 1.0 each")
     add("--use-dynamic-exit-layer-weight", action="store_true")
+    add(
+        "--exit-kl-weight",
+        type=float,
+        default=0.0,
+        help="W: each exit's loss becomes CE + W * KL(final head || exit) (0: off)",
+    )
+    add(
+        "--exit-confidence-head",
+        action="store_true",
+        help="give every exit a learned confidence head (does its top-1 match the final's?)",
+    )
+    add("--exit-confidence-hidden-size", type=int, default=None, help="default 64")
+    add("--exit-confidence-loss-weight", type=float, default=None, help="default 1.0")
     add("--fill-explicit-bubbles", action="store_true")
     add("--num-fill-warmup-microbatches", type=int, default=None)
     add("--num-fill-cooldown-microbatches", type=int, default=None)
     add("--backward-forward-ratio", type=float, default=2.0)
     add("--no-defer-exits", action="store_true", help="compute exits in the forward pass")
     add("--tune-exit", action="store_true", help="EE-Tuning: train exit heads only")
-    add("--tune-exit-pipeline-parallel-size", type=int, default=None)
+    add(
+        "--tune-exit-pipeline-parallel-size",
+        type=int,
+        default=None,
+        help="K: with --tune-exit --load, build and read only the layers up to the deepest exit, "
+        "over K pipeline stages (saves still write the complete model)",
+    )
 
 
 def _training_flags(group) -> None:
@@ -195,6 +217,43 @@ def _check_conflicts(args) -> None:
             raise ValueError(message)
 
 
+def _check_final_head_flags(args) -> None:
+    """Distillation and confidence-head flags (the pipeline placement rule is the config's)."""
+    if not (math.isfinite(args.exit_kl_weight) and args.exit_kl_weight >= 0):
+        raise ValueError(
+            f"--exit-kl-weight must be a finite number >= 0, got {args.exit_kl_weight}"
+        )
+    confidence_options = {
+        "--exit-confidence-hidden-size": args.exit_confidence_hidden_size,
+        "--exit-confidence-loss-weight": args.exit_confidence_loss_weight,
+    }
+    given = [flag for flag, value in confidence_options.items() if value is not None]
+    if given and not args.exit_confidence_head:
+        raise ValueError(f"{', '.join(given)} need --exit-confidence-head")
+    size = args.exit_confidence_hidden_size
+    if size is not None and size < 1:
+        raise ValueError(f"--exit-confidence-hidden-size must be >= 1, got {size}")
+    weight = args.exit_confidence_loss_weight
+    if weight is not None and not (math.isfinite(weight) and weight >= 0):
+        raise ValueError(
+            f"--exit-confidence-loss-weight must be a finite number >= 0, got {weight}"
+        )
+    uses_final_head = [
+        flag
+        for flag, on in (
+            ("--exit-kl-weight", args.exit_kl_weight > 0),
+            ("--exit-confidence-head", args.exit_confidence_head),
+        )
+        if on
+    ]
+    if uses_final_head and args.tune_exit_pipeline_parallel_size is not None:
+        raise ValueError(
+            f"{', '.join(uses_final_head)}: the exits learn from the final head, which "
+            "--tune-exit-pipeline-parallel-size leaves out of the model; tune with the full "
+            "pipeline"
+        )
+
+
 def _check_exit_flags(args) -> None:
     exit_only = {
         "--pre-exit": args.pre_exit,
@@ -204,6 +263,8 @@ def _check_exit_flags(args) -> None:
         "--untie-exit-output-weights": args.untie_exit_output_weights,
         "--exit-layer-weight": args.exit_layer_weight is not None,
         "--use-dynamic-exit-layer-weight": args.use_dynamic_exit_layer_weight,
+        "--exit-kl-weight": args.exit_kl_weight != 0.0,
+        "--exit-confidence-head": args.exit_confidence_head,
         "--fill-explicit-bubbles": args.fill_explicit_bubbles,
         "--tune-exit": args.tune_exit,
     }
@@ -216,6 +277,7 @@ def _check_exit_flags(args) -> None:
             "--use-exit-mlp/--use-exit-block need --use-exit-norm (these exits end in a norm, "
             "as EE-Tuning's 'MLP' and 'Layer' architectures)"
         )
+    _check_final_head_flags(args)
     fill_counts = args.num_fill_warmup_microbatches, args.num_fill_cooldown_microbatches
     if any(c is not None for c in fill_counts) and not args.fill_explicit_bubbles:
         raise ValueError("--num-fill-*-microbatches need --fill-explicit-bubbles")
@@ -223,14 +285,16 @@ def _check_exit_flags(args) -> None:
         raise ValueError("--fill-explicit-bubbles needs --pipeline-model-parallel-size >= 2")
     if args.fill_explicit_bubbles and args.tune_exit:
         raise ValueError("--fill-explicit-bubbles and --tune-exit are mutually exclusive")
-    if args.tune_exit_pipeline_parallel_size is not None and not args.tune_exit:
+    num_tune_stages = args.tune_exit_pipeline_parallel_size
+    if num_tune_stages is not None and not args.tune_exit:
         raise ValueError("--tune-exit-pipeline-parallel-size needs --tune-exit")
-    if args.tune_exit_pipeline_parallel_size is not None:
-        # Loading only the first K stages needs a partial dist_checkpointing load of megatron's
-        # stacked layer tensors, which torch's DCP adapter refuses; until then say so.
+    if num_tune_stages is not None and num_tune_stages < 1:
+        raise ValueError(f"--tune-exit-pipeline-parallel-size must be >= 1, got {num_tune_stages}")
+    if num_tune_stages is not None and not args.load:
+        # Whether K fits the exits is checked once they are known (run.partial_num_layers).
         raise ValueError(
-            "--tune-exit-pipeline-parallel-size is not supported yet: EE-Tune with the full "
-            "pipeline (the forward already stops after the deepest exit)"
+            "--tune-exit-pipeline-parallel-size needs --load: the checkpoint whose layers up "
+            "to the deepest exit are loaded, and from which saves copy the rest of the model"
         )
 
 
@@ -267,6 +331,7 @@ def model_config(args, vocab_size: int) -> EarlyExitTransformerConfig:
         loss_weights_init=args.exit_layer_weight_init,
         temperatures=args.exit_layer_temperature,
         untied=args.untie_exit_output_weights,
+        confidence_hidden_size=confidence_hidden_size(args),
     )
     fields = dict(
         num_layers=args.num_layers,
@@ -292,11 +357,21 @@ def model_config(args, vocab_size: int) -> EarlyExitTransformerConfig:
         include_final_loss=not args.tune_exit,
         dynamic_exit_loss_weight=args.use_dynamic_exit_layer_weight,
         untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
+        exit_kl_weight=args.exit_kl_weight,
     )
+    if args.exit_confidence_loss_weight is not None:
+        fields["exit_confidence_loss_weight"] = args.exit_confidence_loss_weight
     if args.swiglu:
         fields.update(gated_linear_unit=True, activation_func=F.silu)
     fields.update(platform.config_overrides())
     return EarlyExitTransformerConfig(**fields)
+
+
+def confidence_hidden_size(args) -> int:
+    """Width of every exit's confidence head the flags ask for (0: none)."""
+    if not args.exit_confidence_head:
+        return 0
+    return args.exit_confidence_hidden_size or DEFAULT_CONFIDENCE_HIDDEN_SIZE
 
 
 def _ffn_hidden_size(args) -> int:

@@ -68,7 +68,14 @@ class RunLogger:
         if not self.enabled:
             return
         self._scalars("valid", iteration, {k: v for k, v in losses.items() if v is not None})
-        parts = [f"{_head_name(k)} {v:.3f} (ppl {_ppl(v):.1f})" for k, v in losses.items() if v]
+        parts = [
+            f"{_head_name(k)} {v:.3f} (ppl {_ppl(v):.1f})"
+            for k, v in losses.items()
+            if v is not None and _is_head_loss(k)
+        ]
+        parts += [
+            f"{k} {v:.4f}" for k, v in losses.items() if v is not None and not _is_head_loss(k)
+        ]
         print(f"validation at iteration {iteration}: " + " | ".join(parts), flush=True)
 
     def final(self, iteration: int, losses: dict) -> None:
@@ -78,8 +85,12 @@ class RunLogger:
             self._metrics.write(json.dumps({"evaluation": losses, "iteration": iteration}) + "\n")
         print(f"\n{'head':<22}{'validation loss':>16}{'perplexity':>12}")
         for key, value in losses.items():
-            if value is not None:
+            if value is not None and _is_head_loss(key):
                 print(f"{_head_name(key):<22}{value:>16.3f}{_ppl(value):>12.2f}")
+        for key, value in losses.items():
+            if value is not None and not _is_head_loss(key):
+                name, depth = key.rsplit("_", 1)
+                print(f"{name + ' term, exit ' + depth:<22}{value:>16.4f}")
         wall = time.perf_counter() - self._wall_start
         print(f"\n{iteration - self._start_iteration} iterations in {wall:.1f} s", flush=True)
 
@@ -96,6 +107,12 @@ class RunLogger:
             f"exit{d} {loss:.3f} (w {metrics.exit_weights.get(d, 0.0):.2f})"
             for d, loss in metrics.exit_losses.items()
         )
+        terms = "  ".join(
+            f"{name}{d} {v:.4f}" for name, values in metrics.exit_terms.items()
+            for d, v in values.items()
+        )  # fmt: skip
+        if terms:
+            exits = f"{exits} | {terms}"
         lm = f"lm {metrics.lm_loss:.3f} | " if metrics.lm_loss is not None else ""
         grad = f"{metrics.grad_norm:.2f}" if metrics.grad_norm is not None else "-"
         return (
@@ -117,6 +134,10 @@ def _record(metrics: IterationMetrics, tokens_per_second: float) -> dict:
         "lm_loss": metrics.lm_loss,
         "exit_losses": {str(d): v for d, v in metrics.exit_losses.items()},
         "exit_weights": {str(d): v for d, v in metrics.exit_weights.items()},
+        **{
+            f"exit_{name}_losses": {str(d): v for d, v in values.items()}
+            for name, values in metrics.exit_terms.items()
+        },
         "lr": metrics.lr,
         "grad_norm": metrics.grad_norm,
         "tokens_per_second": tokens_per_second,
@@ -131,6 +152,12 @@ def _flatten(values: dict, prefix: str = "") -> dict:
         elif isinstance(value, int | float) and value is not None:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def _is_head_loss(key: str) -> bool:
+    """``lm_loss`` and ``exit_<d>`` are heads' cross entropies; ``kl_<d>``/``confidence_<d>``
+    are auxiliary terms (no perplexity)."""
+    return key == "lm_loss" or key.startswith("exit_")
 
 
 def _head_name(key: str) -> str:

@@ -64,6 +64,9 @@ class IterationMetrics:
     grad_norm: float | None
     tokens_per_second: float
     extra: dict = field(default_factory=dict)
+    exit_terms: dict[str, dict[int, float]] = field(default_factory=dict)
+    """Auxiliary exit terms by name and exit depth (``kl``: distillation, ``confidence``: the
+    confidence head's BCE), when the model has them."""
 
 
 @dataclass
@@ -157,10 +160,11 @@ def setup_trainer(
 
 def forward_backward(
     trainer: Trainer, microbatches: list[dict], fill_microbatches: list[dict] = ()
-) -> tuple[float | None, dict[int, float]]:
+) -> tuple[float | None, dict[int, float], dict]:
     """Forward and backward of one iteration through the early-exit pipeline schedule (any PP).
 
-    Returns the mean final loss and the mean loss of every exit over the pipeline.
+    Returns the mean final loss, the mean loss of every exit over the pipeline and the
+    auxiliary exit terms (see :func:`_split_losses`).
     """
     options = ExecutionOptions(
         exit_weights=exit_loss_weights(trainer.config, trainer.iteration),
@@ -181,9 +185,19 @@ def forward_backward(
     return _split_losses(means)
 
 
-def _split_losses(means: dict[str, float]) -> tuple[float | None, dict[int, float]]:
+AUXILIARY_TERMS = ("kl", "confidence")
+
+
+def _split_losses(means: dict[str, float]) -> tuple[float | None, dict[int, float], dict]:
+    """``(final, {depth: exit loss}, {term: {depth: value}})`` from the executor's keys."""
     exits = {int(k[len("exit_") :]): v for k, v in means.items() if k.startswith("exit_")}
-    return means.get("final"), dict(sorted(exits.items()))
+    terms = {}
+    for name in AUXILIARY_TERMS:
+        prefix = f"{name}_"
+        values = {int(k[len(prefix) :]): v for k, v in means.items() if k.startswith(prefix)}
+        if values:
+            terms[name] = dict(sorted(values.items()))
+    return means.get("final"), dict(sorted(exits.items())), terms
 
 
 def train_step(
@@ -193,7 +207,7 @@ def train_step(
     start = time.perf_counter()
     trainer.model.zero_grad_buffer()
     trainer.optimizer.zero_grad()
-    lm_loss, exit_losses = forward_backward(trainer, microbatches, fill_microbatches)
+    lm_loss, exit_losses, exit_terms = forward_backward(trainer, microbatches, fill_microbatches)
     finalize_model_grads([trainer.model])
     update_successful, grad_norm, _ = trainer.optimizer.step()
     weights = exit_loss_weights(trainer.config, trainer.iteration)
@@ -210,6 +224,7 @@ def train_step(
         lr=lr,
         grad_norm=None if grad_norm is None else float(grad_norm),
         tokens_per_second=tokens / (time.perf_counter() - start),
+        exit_terms=exit_terms,
     )
 
 
@@ -239,5 +254,8 @@ def evaluate(trainer: Trainer, microbatches: list[dict]) -> dict[str, float]:
     options = ExecutionOptions(exit_weights={}, num_microbatches=len(microbatches))
     means = run_pipeline(trainer.model, trainer.config, microbatches, options, mode="eval")
     trainer.model.train()
-    final, exits = _split_losses(means)
-    return {"lm_loss": final, **{f"exit_{d}": v for d, v in exits.items()}}
+    final, exits, terms = _split_losses(means)
+    out = {"lm_loss": final, **{f"exit_{d}": v for d, v in exits.items()}}
+    for name, values in terms.items():
+        out.update({f"{name}_{d}": v for d, v in values.items()})
+    return out

@@ -3,10 +3,15 @@
 The loop reads top to bottom: each iteration takes its microbatches (and bubble-fill
 microbatches) from the data position, runs one optimizer step through the early-exit pipeline
 schedule, logs, evaluates and saves at their intervals.
+
+EE-Tuning on part of the model (``--tune-exit --tune-exit-pipeline-parallel-size K``) builds
+only the layers up to the deepest exit, over K pipeline stages; see :func:`partial_num_layers`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import time
 from dataclasses import dataclass
 
@@ -18,11 +23,13 @@ from megatron.early_exit.data.datasets import build_gpt_datasets
 from megatron.early_exit.data.default_corpus import default_training_data
 from megatron.early_exit.data.tokenizers import build_tokenizer
 from megatron.early_exit.model.builder import build_early_exit_model
+from megatron.early_exit.model.gpt_model import EarlyExitGPTModel
 from megatron.early_exit.model.placement import stages_with_exits, tied_exit_stages
 from megatron.early_exit.pipeline.bubble_fill import build_fill_schedule
 from megatron.early_exit.training import arguments
 from megatron.early_exit.training.batches import causal_mask
 from megatron.early_exit.training.checkpointing import (
+    PartialBackbone,
     config_from_checkpoint,
     load_checkpoint,
     read_checkpoint_info,
@@ -140,6 +147,9 @@ def build_data(args, tokenizer, settings, num_fill: int) -> DataSource:
 def main(argv: list[str] | None = None) -> dict:
     """Train; returns the final evaluation (``lm_loss`` and every ``exit_<depth>``)."""
     args = arguments.parse_args(argv)
+    if args.tune_exit_pipeline_parallel_size is not None:
+        # The original's P, the checkpoint's stages; this run has K (see partial_num_layers).
+        args.pipeline_model_parallel_size = 1
     info = read_checkpoint_info(args.load) if args.use_checkpoint_args else None
     if info is not None:
         _apply_checkpoint_args(args, info)
@@ -148,22 +158,19 @@ def main(argv: list[str] | None = None) -> dict:
     config = _config_or_exit(args, vocab_size)
     if info is not None:  # the checkpoint's model (activation, exits, vocab) in this run's layout
         config, vocab_size = _checkpoint_config(args, info), info.model["vocab_size"]
+    partial = None
+    if args.tune_exit_pipeline_parallel_size is not None:
+        config, partial = _partial_backbone(args, config)
     platform.initialize(
         args.tensor_model_parallel_size,
-        args.pipeline_model_parallel_size,
+        config.pipeline_model_parallel_size,
         seed=args.seed,
         embedding_stages=tied_exit_stages(config),
     )
     settings = arguments.run_settings(args, parallel_state.get_data_parallel_world_size())
     num_fill = _num_fill(config, settings)
     data = build_data(args, tokenizer, settings, num_fill)
-    model = build_early_exit_model(
-        config,
-        vocab_size,
-        args.max_position_embeddings or args.seq_length,
-        position_embedding_type=settings.position_embedding_type,
-        rotary_base=settings.rotary_base,
-    )
+    model = _build_model(args, config, vocab_size, settings, partial)
     trainer = setup_trainer(
         model,
         arguments.training_config(args),
@@ -173,17 +180,19 @@ def main(argv: list[str] | None = None) -> dict:
         distributed_optimizer=settings.use_distributed_optimizer,
     )
     if args.load:
-        trainer.iteration = load_checkpoint(args.load, trainer, finetune=args.finetune)
+        trainer.iteration = load_checkpoint(
+            args.load, trainer, finetune=args.finetune, partial=partial
+        )
     logger = RunLogger(
         args, config, tokens_per_iteration=data.samples_per_iteration * args.seq_length
     )
-    result = _train_loop(args, trainer, data, logger, tokenizer_info)
+    result = _train_loop(args, trainer, data, logger, tokenizer_info, partial)
     logger.close()
     platform.destroy()
     return result
 
 
-def _train_loop(args, trainer: Trainer, data: DataSource, logger, tokenizer_info) -> dict:
+def _train_loop(args, trainer: Trainer, data: DataSource, logger, tokenizer_info, partial) -> dict:
     logger.start(trainer.iteration)
     while trainer.iteration < args.train_iters:
         start = time.perf_counter()
@@ -195,24 +204,136 @@ def _train_loop(args, trainer: Trainer, data: DataSource, logger, tokenizer_info
                 trainer.iteration, evaluate(trainer, data.validation(args.eval_iters))
             )
         if args.save and args.save_interval and trainer.iteration % args.save_interval == 0:
-            _save(args, trainer, data, tokenizer_info)
+            _save(args, trainer, data, tokenizer_info, partial)
         if args.exit_interval and trainer.iteration % args.exit_interval == 0:
             break  # Megatron's --exit-interval: the final save below makes it resumable
     final = evaluate(trainer, data.validation(args.eval_iters)) if data.valid is not None else {}
     logger.final(trainer.iteration, final)
     if args.save:
-        _save(args, trainer, data, tokenizer_info)
+        _save(args, trainer, data, tokenizer_info, partial)
     return final
 
 
-def _save(args, trainer, data: DataSource, tokenizer_info: dict) -> None:
+def _save(args, trainer, data: DataSource, tokenizer_info: dict, partial) -> None:
     consumed = trainer.iteration * data.samples_per_iteration
     save_checkpoint(
         args.save,
         trainer,
         data_state={"consumed_samples": consumed},
         model_args={"tokenizer": tokenizer_info, "seq_length": args.seq_length},
+        partial=partial,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# EE-Tuning on part of the model (--tune-exit-pipeline-parallel-size)
+# --------------------------------------------------------------------------------------------
+
+
+def partial_num_layers(config, num_stages: int) -> int:
+    """How many layers an EE-Tuning run over ``num_stages`` pipeline stages builds
+    (``--tune-exit-pipeline-parallel-size K``); ValueError when K does not fit the exits.
+
+    The design, and how it differs from the original EE-LLM's:
+
+    * EE-Tuning freezes the backbone and trains the exits on their own losses. Nothing after
+      the deepest exit is trained or needed, so the run builds the layers up to the deepest
+      exit's layer and no final norm or output layer. The layers are split evenly over the K
+      stages, which are the whole pipeline of the run: world size = TP x K x DP. Each process
+      reads only its layers from the checkpoint (:class:`PartialBackbone`).
+    * The layer count is rounded up to a multiple of K, but never beyond the model's layers.
+      The forward still stops after the deepest exit, so a rounded-up layer is read and never
+      run. The last stage must hold the deepest exit's layer: a stage after it would idle.
+    * The original EE-LLM builds the first K of the checkpoint's P uniform stages, with P given
+      as ``--pipeline-model-parallel-size``, because its checkpoints are files per stage. Ours
+      are dist_checkpointing checkpoints that any layout reads, so P plays no part:
+      ``--pipeline-model-parallel-size`` is accepted for the original's scripts and ignored
+      (``main`` builds the complete model's config at one stage, the run's at K).
+    * Every save is a complete checkpoint: the untouched layers and final head are copied from
+      the loaded checkpoint, so the tuned checkpoint serves generation as it is.
+    """
+    if config.exits_use_final_logits:
+        raise ValueError(
+            "the exits learn from the final head's logits (--exit-kl-weight, "
+            "--exit-confidence-head), which a model cut after the deepest exit does not have; "
+            "EE-Tune with the full model"
+        )
+    if not config.exit_heads:
+        raise ValueError("EE-Tuning needs exits (--exit-layer-nums or a checkpoint with exits)")
+    deepest = max(e.layer_number for e in config.exit_heads)
+    valid = [k for k in range(1, deepest + 1) if _fits(k, deepest, config.num_layers)]
+    if not _fits(num_stages, deepest, config.num_layers):
+        raise ValueError(
+            f"the {deepest} layers up to the deepest exit cannot be split over {num_stages} "
+            f"stages with the last stage holding layer {deepest} (each stage holds "
+            f"ceil({deepest}/K) layers of the {config.num_layers}); valid values: "
+            + ", ".join(map(str, valid))
+        )
+    return -(-deepest // num_stages) * num_stages
+
+
+def _fits(num_stages: int, deepest: int, num_layers: int) -> bool:
+    per_stage = -(-deepest // num_stages)
+    return per_stage * num_stages <= num_layers and per_stage * (num_stages - 1) < deepest
+
+
+def _partial_backbone(args, config):
+    """This run's model config (the first layers, over K stages) and the full model's record."""
+    stages = args.tune_exit_pipeline_parallel_size
+    flag = f"--tune-exit-pipeline-parallel-size {stages}"
+    parser = arguments.build_parser()
+    try:
+        num_layers = partial_num_layers(config, stages)
+        source = read_checkpoint_info(args.load).path
+    except ValueError as error:
+        parser.error(f"{flag}: {error}")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size % (args.tensor_model_parallel_size * stages):
+        parser.error(
+            f"{flag}: the world size {world_size} is not a multiple of "
+            f"--tensor-model-parallel-size x {stages} stages"
+        )
+    model_config = dataclasses.replace(
+        config, num_layers=num_layers, pipeline_model_parallel_size=stages
+    )
+    return model_config, PartialBackbone(config, source)
+
+
+class _PartialBackboneModel(EarlyExitGPTModel):
+    """The first layers of an early-exit model, with no final norm and no output layer.
+
+    megatron-core's embedding group always holds the last pipeline stage, for an output layer
+    tied to the word embedding. This model has none, so its stages take part in the group only
+    for exits tied to the word embedding, whose copies stay in sync over it as on any stage.
+    Without tied exits no stage takes part; otherwise the first stage would wait at model
+    construction for a last stage that holds no copy of the embedding.
+    """
+
+    def _is_in_embd_group(self) -> bool:
+        tied_exits = any(not e.untied for e in self.config.exit_heads)
+        return tied_exits and super()._is_in_embd_group()
+
+
+def _build_model(args, config, vocab_size: int, settings, partial) -> EarlyExitGPTModel:
+    max_sequence_length = args.max_position_embeddings or args.seq_length
+    if partial is None:
+        return build_early_exit_model(
+            config,
+            vocab_size,
+            max_sequence_length,
+            position_embedding_type=settings.position_embedding_type,
+            rotary_base=settings.rotary_base,
+        )
+    model = _PartialBackboneModel(
+        config,
+        vocab_size=vocab_size,
+        max_sequence_length=max_sequence_length,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=False,
+        position_embedding_type=settings.position_embedding_type,
+        rotary_base=settings.rotary_base,
+    )
+    return model.to(platform.device())
 
 
 def _checkpoint_config(args, info):
@@ -226,9 +347,21 @@ def _checkpoint_config(args, info):
         params_dtype=dtype,
         pipeline_dtype=dtype,
         include_final_loss=not args.tune_exit,
+        # The training objective is this run's: distillation and confidence heads as flagged
+        # (a checkpoint's own confidence heads are kept by _apply_checkpoint_exits).
+        exit_kl_weight=args.exit_kl_weight,
     )
+    if args.exit_confidence_loss_weight is not None:
+        overrides["exit_confidence_loss_weight"] = args.exit_confidence_loss_weight
     try:
-        return config_from_checkpoint(info, **overrides)
+        config = config_from_checkpoint(info, **overrides)
+        width = arguments.confidence_hidden_size(args)
+        if any(e.confidence_hidden_size != width for e in config.exit_heads):
+            heads = tuple(
+                dataclasses.replace(e, confidence_hidden_size=width) for e in config.exit_heads
+            )
+            config = config_from_checkpoint(info, **overrides, exit_heads=heads)
+        return config
     except ValueError as error:
         arguments.build_parser().error(f"--use-checkpoint-args: {error}")
 
@@ -248,6 +381,9 @@ def _apply_checkpoint_args(args, info) -> None:
     args.position_embedding_type = model["position_embedding_type"]
     args.rotary_base = model.get("rotary_base") or args.rotary_base
     args.seq_length = info.model_args.get("seq_length", args.seq_length)
+    # The model's own positions (learned embeddings must fit; saves record them), not the
+    # training sequence length.
+    args.max_position_embeddings = model["max_sequence_length"]
     _apply_checkpoint_exits(args, record)
     tokenizer = info.model_args.get("tokenizer")
     if tokenizer and args.tokenizer_type is None:
@@ -268,7 +404,15 @@ def _apply_checkpoint_exits(args, record: dict) -> None:
     args.exit_layer_weight = [h["loss_weight"] for h in heads]
     args.exit_layer_weight_init = [h["loss_weight_init"] for h in heads]
     args.exit_layer_temperature = [h["temperature"] for h in heads]
-    if len({(h["pre_exit"], h["structure"], h["untied"]) for h in heads}) > 1:
+    confidence = heads[0].get("confidence_hidden_size", 0)
+    if confidence and not args.exit_confidence_head:  # keep the checkpoint's confidence heads
+        args.exit_confidence_head = True
+        args.exit_confidence_hidden_size = confidence
+    structures = {
+        (h["pre_exit"], h["structure"], h["untied"], h.get("confidence_hidden_size", 0))
+        for h in heads
+    }
+    if len(structures) > 1:
         raise SystemExit(
             "--use-checkpoint-args: the checkpoint's exits mix placements/structures, which the "
             "command-line flags cannot express; build the model with config_from_checkpoint"
@@ -277,7 +421,9 @@ def _apply_checkpoint_exits(args, record: dict) -> None:
 
 def _config_or_exit(args, vocab_size: int):
     try:
-        return arguments.model_config(args, vocab_size)
+        config = arguments.model_config(args, vocab_size)
+        config.check_trainable_final_head_targets()
+        return config
     except ValueError as error:
         arguments.build_parser().error(str(error))
 
