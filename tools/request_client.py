@@ -38,6 +38,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threshold", type=float, help="early-exit threshold (server default)")
     parser.add_argument("--exit-layers", type=int, nargs="+", help="exits allowed to fire")
     parser.add_argument("--no-early-exit", action="store_true", help="run every layer")
+    parser.add_argument(
+        "--measure",
+        choices=("max_prob", "margin", "entropy", "learned"),
+        help="exit confidence measure; 'learned' asks the exits' confidence heads (cheap)",
+    )
+    parser.add_argument(
+        "--method", choices=("auto", "recompute", "pipelined", "speculative"), help="decoding"
+    )
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--top-k", type=int, default=0, help="0 disables (not with --stream)")
     parser.add_argument("--top-p", type=float, default=0.0, help="0 disables")
@@ -91,6 +99,10 @@ def generate_body(prompt: str, args: argparse.Namespace) -> dict:
             body["early_exit_thres"] = args.threshold
         if args.exit_layers:
             body["exit_layers"] = args.exit_layers
+        if args.measure:
+            body["early_exit_measure"] = args.measure
+        if args.method:
+            body["early_exit_method"] = args.method
     if args.seed is not None:
         body["random_seed"] = args.seed
     if args.stop:
@@ -106,6 +118,10 @@ def completion_body(prompt: str, args: argparse.Namespace, stream: bool = True) 
             early_exit["threshold"] = args.threshold
         if args.exit_layers:
             early_exit["exit_layers"] = args.exit_layers
+        if args.measure:
+            early_exit["measure"] = args.measure
+        if args.method:
+            early_exit["method"] = args.method
     body: dict = {
         "prompt": prompt,
         "max_tokens": args.tokens,

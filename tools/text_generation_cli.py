@@ -48,6 +48,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threshold", type=float, help="early-exit threshold (server default)")
     parser.add_argument("--exit-layers", type=int, nargs="+", help="exits allowed to fire")
     parser.add_argument("--no-early-exit", action="store_true")
+    parser.add_argument(
+        "--measure",
+        choices=("max_prob", "margin", "entropy", "learned"),
+        help="exit confidence measure; 'learned' asks the exits' confidence heads (cheap)",
+    )
+    parser.add_argument("--method", choices=("auto", "recompute", "pipelined", "speculative"))
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=0.0)

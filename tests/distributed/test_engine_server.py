@@ -34,6 +34,7 @@ def server_worker(rank: int, world_size: int) -> dict:
     early_request = {"prompts": [prompt], "tokens_to_generate": 8, "use_early_exit": True}
     early = client.put("/api", json={**early_request, "early_exit_thres": 0}).json()
     bad = client.put("/api", json={"prompts": [prompt], "early_exit_thres": 2})
+    learned = client.put("/api", json={**early_request, "early_exit_measure": "learned"})
     stream = client.post(
         "/v1/completions",
         json={"prompt": prompt, "max_tokens": 8, "temperature": 0, "stream": True},
@@ -45,6 +46,7 @@ def server_worker(rank: int, world_size: int) -> dict:
         "full": full,
         "early": early,
         "bad_status": bad.status_code,
+        "learned": (learned.status_code, learned.json()),
         "stream_done": stream.strip().endswith("data: [DONE]"),
     }
 
@@ -67,3 +69,10 @@ def test_threshold_zero_exits_at_the_first_exit(result):
 def test_bad_request_and_streaming(result):
     assert result["bad_status"] in (400, 422)
     assert result["stream_done"]
+
+
+def test_learned_measure_needs_confidence_heads(result):
+    status, body = result["learned"]
+    assert status in (400, 422)
+    assert body["error"]["field"] == "early_exit_measure"
+    assert "confidence heads" in body["error"]["message"]

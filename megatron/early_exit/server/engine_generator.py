@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from megatron.early_exit.inference.decide import ExitPolicy
+from megatron.early_exit.inference.decide import CONFIDENCE_MEASURES, LOGIT_MEASURES, ExitPolicy
 from megatron.early_exit.inference.generate import GenerationParams as EngineParams
 from megatron.early_exit.inference.generate import generate
 from megatron.early_exit.model.builder import unwrap_model
@@ -31,6 +31,14 @@ class EngineGenerator:
         self._tokenizer = tokenizer
         self._max_sequence_length = max_sequence_length or self.model.max_sequence_length
         self._pipelined = self.model.config.pipeline_model_parallel_size > 1
+
+    @property
+    def confidence_measures(self) -> tuple[str, ...]:
+        """``learned`` only when every exit has a confidence head."""
+        heads = self.model.config.exit_heads
+        if heads and all(e.confidence_hidden_size for e in heads):
+            return CONFIDENCE_MEASURES
+        return LOGIT_MEASURES
 
     @property
     def decoding_methods(self) -> tuple[str, ...]:

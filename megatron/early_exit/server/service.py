@@ -181,11 +181,14 @@ class RequestFields(NamedTuple):
     exit_layers: str
     new_tokens: str
     method: str
+    measure: str
 
 
-GENERATE_FIELDS = RequestFields("prompts", "exit_layers", "tokens_to_generate", "early_exit_method")
+GENERATE_FIELDS = RequestFields(
+    "prompts", "exit_layers", "tokens_to_generate", "early_exit_method", "early_exit_measure"
+)
 COMPLETION_FIELDS = RequestFields(
-    "prompt", "early_exit.exit_layers", "max_tokens", "early_exit.method"
+    "prompt", "early_exit.exit_layers", "max_tokens", "early_exit.method", "early_exit.measure"
 )
 
 
@@ -264,6 +267,14 @@ class GenerationService:
                 params.early_exit.check_model_exits(self.generator.exit_layers)
             except ValueError as error:
                 raise RequestError(fields.exit_layers, str(error)) from None
+            measures = getattr(self.generator, "confidence_measures", None)
+            if measures is not None and params.early_exit.measure not in measures:
+                raise RequestError(
+                    fields.measure,
+                    f"confidence measure {params.early_exit.measure!r} is not available for this "
+                    f"model (available: {', '.join(measures)}; 'learned' needs exits with "
+                    "confidence heads)",
+                )
         if params.random_seed is None:
             params = dataclasses.replace(params, random_seed=secrets.randbelow(MAX_RANDOM_SEED))
         return PreparedRequest(params, prompt_ids)
