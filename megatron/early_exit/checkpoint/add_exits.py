@@ -14,6 +14,12 @@ new exit tensor               copied from
 ``layer.*``                   the last transformer layer (``decoder.layers.<num_layers - 1>``)
 ============================  ==========================================================
 
+With ``zero_mlp_output`` (``--exit-mlp-zero-init``) the output projection of a new ``mlp``
+exit's residual MLP (``mlp.linear_fc2.*``) starts at zero, so the exit starts exactly as the
+final norm and head applied to its layer's output (the "logit lens") and the MLP grows from
+there as an adapter. The copy alone adds the layer's MLP output a second time, which on
+SmolLM2-135M starts the exits at a cross entropy of 19-21, worse than uniform.
+
 With ``random_init`` the new exits keep the fresh model's initialisation
 (:func:`~megatron.early_exit.model.builder.reproducible_init_`: weights ~ N(0,
 ``init_method_std``), norms 1, biases 0). Exits the model already has are never replaced unless
@@ -94,6 +100,10 @@ def _describe(head: ExitHeadConfig) -> str:
     return f"{head.structure} exit on the {where} of layer {head.layer_number}, {tie}"
 
 
+ZERO_INIT_PREFIX = "mlp.linear_fc2."
+"""Tensors of an ``mlp`` exit that ``zero_mlp_output`` starts at zero (relative to the exit)."""
+
+
 def copy_source(name: str, head: ExitHeadConfig, config: EarlyExitTransformerConfig) -> str:
     """The backbone tensor a new exit's tensor ``name`` (relative to the exit) is copied from."""
     if name == "output_layer.weight":
@@ -119,6 +129,7 @@ def initial_exit_state(
     depths: Iterable[int],
     *,
     random_init: bool = False,
+    zero_mlp_output: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The tensors of the exits at ``depths`` (full keys ``exit_heads.<depth>.*``).
 
@@ -145,6 +156,10 @@ def initial_exit_state(
                 )
             else:
                 out[key] = source[src].detach().clone().to(value.dtype)
+    if zero_mlp_output:
+        for key in out:
+            if key.split(".", 2)[2].startswith(ZERO_INIT_PREFIX):
+                out[key] = torch.zeros_like(out[key])
     if problems:
         raise ValueError(
             f"initialising exits: {len(problems)} problem(s):\n"
@@ -216,6 +231,7 @@ def add_exits_to_model(
     *,
     overwrite: bool = False,
     random_init: bool = False,
+    zero_mlp_output: bool = False,
     init_method_std: float | None = None,
     seed: int = 1234,
 ):
@@ -239,7 +255,12 @@ def add_exits_to_model(
         for k, v in old.items()
         if not k.endswith(EXTRA_STATE_SUFFIX) and _exit_depth(k) not in depths
     }
-    state.update(initial_exit_state(fresh, old, new_config, depths, random_init=random_init))
+    state.update(
+        initial_exit_state(
+            fresh, old, new_config, depths,
+            random_init=random_init, zero_mlp_output=zero_mlp_output,
+        )
+    )  # fmt: skip
     load_megatron_state_dict(new_model, state)
     new_model.eval()
     return new_config, new_model
@@ -262,6 +283,7 @@ def add_exits_to_checkpoint(
     untied: bool = False,
     overwrite: bool = False,
     random_init: bool = False,
+    zero_mlp_output: bool = False,
     init_method_std: float | None = None,
     seed: int = 1234,
 ):
@@ -284,7 +306,8 @@ def add_exits_to_checkpoint(
         raise ValueError("adding exits: no exits given (--exit-layer-nums)")
     _, new_model = add_exits_to_model(
         model, info.model, lambda **o: checkpoint_config(info, **o), new,
-        overwrite=overwrite, random_init=random_init, init_method_std=init_method_std, seed=seed,
+        overwrite=overwrite, random_init=random_init, zero_mlp_output=zero_mlp_output,
+        init_method_std=init_method_std, seed=seed,
     )  # fmt: skip
     return save_checkpoint(save_dir, make_trainer(new_model), model_args=info.model_args)
 

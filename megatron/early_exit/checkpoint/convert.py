@@ -383,6 +383,7 @@ class NewExits:
     pre_exit: bool = False
     untied: bool = False
     random_init: bool = False
+    zero_mlp_output: bool = False
     init_method_std: float | None = None
     overwrite: bool = False
 
@@ -454,7 +455,8 @@ def hf_to_model(
     if new:
         config, model = add_exits_to_model(
             model, model_kwargs, make_config, new, overwrite=spec.overwrite,
-            random_init=spec.random_init, init_method_std=spec.init_method_std, seed=seed,
+            random_init=spec.random_init, zero_mlp_output=spec.zero_mlp_output,
+            init_method_std=spec.init_method_std, seed=seed,
         )  # fmt: skip
     model.eval()
     return hf_config, config, model, model_kwargs
@@ -598,6 +600,12 @@ def add_exit_arguments(parser, *, overwrite: bool = True) -> None:
         help="initialise new exits randomly instead of copying the model's own modules",
     )
     add(
+        "--exit-mlp-zero-init",
+        action="store_true",
+        help="mlp exits: copy the layer's MLP but start its output projection at zero, so the "
+        "exit starts as the final norm and head on the layer's output (an adapter init)",
+    )
+    add(
         "--init-method-std",
         type=float,
         default=None,
@@ -617,6 +625,7 @@ def new_exits_from_args(args) -> NewExits:
         "--use-exit-mlp": args.use_exit_mlp, "--use-exit-block": args.use_exit_block,
         "--untie-exit-output-weights": args.untie_exit_output_weights,
         "--random-init": args.random_init, "--init-method-std": args.init_method_std is not None,
+        "--exit-mlp-zero-init": args.exit_mlp_zero_init,
         "--overwrite-exits": getattr(args, "overwrite_exits", False),
     }  # fmt: skip
     if not args.exit_layer_nums:
@@ -627,6 +636,10 @@ def new_exits_from_args(args) -> NewExits:
         problems.append("--use-exit-mlp and --use-exit-block are mutually exclusive")
     if (args.use_exit_mlp or args.use_exit_block) and not args.use_exit_norm:
         problems.append("--use-exit-mlp/--use-exit-block need --use-exit-norm")
+    if args.exit_mlp_zero_init and not args.use_exit_mlp:
+        problems.append("--exit-mlp-zero-init applies to --use-exit-mlp exits")
+    if args.exit_mlp_zero_init and args.random_init:
+        problems.append("--exit-mlp-zero-init and --random-init are mutually exclusive")
     _raise("exit flags", problems)
     return NewExits(
         layer_numbers=tuple(args.exit_layer_nums),
@@ -636,6 +649,7 @@ def new_exits_from_args(args) -> NewExits:
         pre_exit=args.pre_exit,
         untied=args.untie_exit_output_weights,
         random_init=args.random_init,
+        zero_mlp_output=args.exit_mlp_zero_init,
         init_method_std=args.init_method_std,
         overwrite=getattr(args, "overwrite_exits", False),
     )
