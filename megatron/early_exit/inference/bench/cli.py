@@ -362,6 +362,8 @@ def _banner(args: argparse.Namespace, setup: Setup) -> str:
 
 def _meta(args, setup: Setup, hf_note: str, baseline, seconds: float) -> dict:
     config = setup.model.config
+    from megatron.early_exit import platform
+
     return {
         "checkpoint": str(Path(args.load).resolve()),
         "iteration": setup.info.iteration,
@@ -391,7 +393,7 @@ def _meta(args, setup: Setup, hf_note: str, baseline, seconds: float) -> dict:
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "python": sys.version.split()[0],
         "machine": host.machine(),
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "device": str(platform.device()),
         "argv": list(sys.argv[1:]),
     }
 
