@@ -1,7 +1,9 @@
-"""``zero_mlp_output`` (``--exit-mlp-zero-init``): a new ``mlp`` exit starts as the logit lens.
+"""``zero_mlp_output`` (``--exit-mlp-zero-init``): a new ``mlp`` exit starts as the logit lens;
+``temperature`` (``--exit-temperature-init``) divides a new exit's starting logits by T.
 
 Oracle: the same exit added with the ``norm`` structure (final-norm copy + head on the layer's
-output) must give the same logits, and the MLP's input side is still the layer's copy."""
+output) must give the same logits, and the MLP's input side is still the layer's copy; with
+temperature T the logits are the lens's / T (the norm is RMSNorm or LayerNorm with bias)."""
 
 from __future__ import annotations
 
@@ -28,13 +30,16 @@ def init_worker(rank: int, world_size: int) -> dict:
 
     out = {}
     logits = {}
-    for name, structure, zero in (
-        ("zero", "mlp", True),
-        ("copy", "mlp", False),
-        ("lens", "norm", False),
+    for name, structure, zero, temperature in (
+        ("zero", "mlp", True, 1.0),
+        ("copy", "mlp", False, 1.0),
+        ("lens", "norm", False, 1.0),
+        ("zero_t4", "mlp", True, 4.0),
     ):
         exits = (ExitHeadConfig(2, structure=structure, untied=True),)
-        _, model = add_exits_to_model(base, facts, make_config, exits, zero_mlp_output=zero)
+        _, model = add_exits_to_model(
+            base, facts, make_config, exits, zero_mlp_output=zero, temperature=temperature
+        )
         tokens = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
         mask = torch.ones(1, 1, 12, 12, dtype=torch.bool).triu(1)
         with torch.no_grad():
@@ -49,6 +54,16 @@ def init_worker(rank: int, world_size: int) -> dict:
             )
     out["zero_equals_lens"] = float((logits["zero"] - logits["lens"]).abs().max())
     out["copy_differs"] = float((logits["copy"] - logits["lens"]).abs().max())
+    out["t4_error"] = float((logits["zero_t4"] * 4 - logits["lens"]).abs().max())
+    out["lens_scale"] = float(logits["lens"].abs().max())
+    errors = {}
+    for name, structure, temperature in (("zero", "mlp", 0.0), ("head", "head", 2.0)):
+        exits = (ExitHeadConfig(2, structure=structure, untied=True),)
+        try:
+            add_exits_to_model(base, facts, make_config, exits, temperature=temperature)
+        except ValueError as exc:
+            errors[name] = str(exc)
+    out["errors"] = errors
     return out
 
 
@@ -65,3 +80,12 @@ def test_zero_init_mlp_exit_starts_as_the_logit_lens(result):
 def test_copy_init_keeps_the_layer_mlp(result):
     assert not result["copy/fc2_zero"] and result["copy/fc1_copied"]
     assert result["copy_differs"] > 1e-3
+
+
+def test_temperature_divides_the_starting_logits(result):
+    assert result["t4_error"] <= 1e-5 * result["lens_scale"]
+
+
+def test_temperature_errors_name_the_problem(result):
+    assert "temperature must be > 0" in result["errors"]["zero"]
+    assert "no norm to scale" in result["errors"]["head"]

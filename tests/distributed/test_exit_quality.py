@@ -1,7 +1,8 @@
 """``exit_quality``: held-out loss, agreement and confidence-head quality per exit.
 
 Oracles: the model's own per-token losses (megatron's vocab-parallel cross entropy, with labels)
-for the loss column, a brute-force pairwise count for the ROC AUC.
+for the loss column, a brute-force pairwise count for the ROC AUC, a direct search over the
+temperatures for each head's best temperature.
 """
 
 from __future__ import annotations
@@ -36,9 +37,28 @@ def quality_worker(rank: int, world_size: int) -> dict:
         "final": float(final.mean()),
         **{str(d): float(v.mean()) for d, v in exits.items()},
     }
+    from megatron.early_exit.inference.exit_quality import TEMPERATURES
+
+    with torch.no_grad():
+        final, exits = model(
+            inputs, torch.arange(s).expand(3, -1), torch.ones(1, 1, s, s, dtype=torch.bool).triu(1),
+            runtime_gather_output=True,
+        )  # fmt: skip
+    best = {}
+    for head, logits in {"final": final, **{str(d): v for d, v in exits.items()}}.items():
+        losses = [
+            float(
+                torch.nn.functional.cross_entropy(
+                    (logits.float() / t).reshape(-1, logits.shape[-1]), labels.reshape(-1)
+                )
+            )
+            for t in TEMPERATURES
+        ]
+        best[head] = (TEMPERATURES[losses.index(min(losses))], min(losses))
     return {
         "rows": {k: r.as_dict() for k, r in rows.items()},
         "reference_loss": reference,
+        "best_temperature": best,
     }
 
 
@@ -60,6 +80,14 @@ def test_final_head_agrees_with_itself_and_exits_report_confidence(result):
         assert 0.0 <= rows[head]["agreement"] <= 1.0
         assert 0.0 < rows[head]["confidence_mean"] < 1.0
         assert 0.0 <= rows[head]["confidence_accuracy"] <= 1.0
+
+
+def test_best_temperature_against_a_direct_search(result):
+    for head, (temperature, loss) in result["best_temperature"].items():
+        row = result["rows"][head]
+        assert row["best_temperature"] == temperature, head
+        assert row["best_temperature_loss"] == pytest.approx(loss, rel=1e-5), head
+        assert row["best_temperature_loss"] <= row["loss"] + 1e-6, head
 
 
 def test_roc_auc_against_pairwise_counting():

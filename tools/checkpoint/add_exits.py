@@ -46,7 +46,8 @@ def main(argv=None) -> int:
                 args.load_dir, args.save_dir, layer_numbers=spec.layer_numbers,
                 structure=spec.structure, pre_exit=spec.pre_exit, untied=spec.untied,
                 overwrite=spec.overwrite, random_init=spec.random_init,
-                zero_mlp_output=spec.zero_mlp_output, init_method_std=spec.init_method_std,
+                zero_mlp_output=spec.zero_mlp_output, temperature=spec.temperature,
+                init_method_std=spec.init_method_std,
                 seed=args.seed,
             )  # fmt: skip
     except ValueError as exc:

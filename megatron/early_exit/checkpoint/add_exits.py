@@ -17,8 +17,15 @@ new exit tensor               copied from
 With ``zero_mlp_output`` (``--exit-mlp-zero-init``) the output projection of a new ``mlp``
 exit's residual MLP (``mlp.linear_fc2.*``) starts at zero, so the exit starts exactly as the
 final norm and head applied to its layer's output (the "logit lens") and the MLP grows from
-there as an adapter. The copy alone adds the layer's MLP output a second time, which on
-SmolLM2-135M starts the exits at a cross entropy of 19-21, worse than uniform.
+there as an adapter. The copy alone adds the layer's MLP output a second time.
+
+With ``temperature`` T (``--exit-temperature-init``) a new exit's last norm (``norm.weight``
+and ``norm.bias``, the last thing before the projection) is scaled by 1/T, so the exit starts
+with its logits divided by T exactly. The logit lens of a pretrained model is overconfident at
+intermediate layers: on SmolLM2-135M (held-out Brown text) it has a cross entropy of 20-23 at
+layers 8-22 (worse than uniform, 10.8) and of 7.3-8.2 at T=4; with Adam at lr 1e-3 a norm weight
+of magnitude ~2 moves ~1e-3 per step, so tuning from T=1 spends its first hundreds of steps on
+calibration. ``tools/eval_exits.py`` prints each exit's best temperature.
 
 With ``random_init`` the new exits keep the fresh model's initialisation
 (:func:`~megatron.early_exit.model.builder.reproducible_init_`: weights ~ N(0,
@@ -102,6 +109,8 @@ def _describe(head: ExitHeadConfig) -> str:
 
 ZERO_INIT_PREFIX = "mlp.linear_fc2."
 """Tensors of an ``mlp`` exit that ``zero_mlp_output`` starts at zero (relative to the exit)."""
+TEMPERATURE_PREFIX = "norm."
+"""Tensors of an exit that ``temperature`` scales by 1/T (relative to the exit)."""
 
 
 def copy_source(name: str, head: ExitHeadConfig, config: EarlyExitTransformerConfig) -> str:
@@ -130,16 +139,25 @@ def initial_exit_state(
     *,
     random_init: bool = False,
     zero_mlp_output: bool = False,
+    temperature: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """The tensors of the exits at ``depths`` (full keys ``exit_heads.<depth>.*``).
 
     ``fresh`` is the new model's own state dict (it names the tensors each exit has and holds
     their random initialisation); ``source`` holds the backbone tensors to copy. Raises
-    ValueError listing every tensor that cannot be copied (missing, or of another shape).
+    ValueError listing every tensor that cannot be copied (missing, or of another shape), and
+    for a ``temperature`` that is not positive or an exit without a norm to carry it.
     """
     out, problems = {}, []
+    if not temperature > 0:
+        raise ValueError(f"exit temperature must be > 0, got {temperature}")
     for depth in sorted(depths):
         head = config.exit_head(depth)
+        if temperature != 1.0 and head.structure == "head":
+            problems.append(
+                f"exit at depth {depth} has no norm to scale for temperature {temperature} "
+                "(--exit-temperature-init needs --use-exit-norm)"
+            )
         prefix = f"{EXIT_PREFIX}{depth}."
         for key, value in fresh.items():
             if not key.startswith(prefix) or key.endswith(EXTRA_STATE_SUFFIX):
@@ -160,6 +178,10 @@ def initial_exit_state(
         for key in out:
             if key.split(".", 2)[2].startswith(ZERO_INIT_PREFIX):
                 out[key] = torch.zeros_like(out[key])
+    if temperature != 1.0:
+        for key in out:
+            if key.split(".", 2)[2].startswith(TEMPERATURE_PREFIX):
+                out[key] = out[key] / temperature
     if problems:
         raise ValueError(
             f"initialising exits: {len(problems)} problem(s):\n"
@@ -232,6 +254,7 @@ def add_exits_to_model(
     overwrite: bool = False,
     random_init: bool = False,
     zero_mlp_output: bool = False,
+    temperature: float = 1.0,
     init_method_std: float | None = None,
     seed: int = 1234,
 ):
@@ -258,7 +281,7 @@ def add_exits_to_model(
     state.update(
         initial_exit_state(
             fresh, old, new_config, depths,
-            random_init=random_init, zero_mlp_output=zero_mlp_output,
+            random_init=random_init, zero_mlp_output=zero_mlp_output, temperature=temperature,
         )
     )  # fmt: skip
     load_megatron_state_dict(new_model, state)
@@ -284,6 +307,7 @@ def add_exits_to_checkpoint(
     overwrite: bool = False,
     random_init: bool = False,
     zero_mlp_output: bool = False,
+    temperature: float = 1.0,
     init_method_std: float | None = None,
     seed: int = 1234,
 ):
@@ -307,7 +331,7 @@ def add_exits_to_checkpoint(
     _, new_model = add_exits_to_model(
         model, info.model, lambda **o: checkpoint_config(info, **o), new,
         overwrite=overwrite, random_init=random_init, zero_mlp_output=zero_mlp_output,
-        init_method_std=init_method_std, seed=seed,
+        temperature=temperature, init_method_std=init_method_std, seed=seed,
     )  # fmt: skip
     return save_checkpoint(save_dir, make_trainer(new_model), model_args=info.model_args)
 

@@ -384,6 +384,7 @@ class NewExits:
     untied: bool = False
     random_init: bool = False
     zero_mlp_output: bool = False
+    temperature: float = 1.0
     init_method_std: float | None = None
     overwrite: bool = False
 
@@ -456,7 +457,7 @@ def hf_to_model(
         config, model = add_exits_to_model(
             model, model_kwargs, make_config, new, overwrite=spec.overwrite,
             random_init=spec.random_init, zero_mlp_output=spec.zero_mlp_output,
-            init_method_std=spec.init_method_std, seed=seed,
+            temperature=spec.temperature, init_method_std=spec.init_method_std, seed=seed,
         )  # fmt: skip
     model.eval()
     return hf_config, config, model, model_kwargs
@@ -606,6 +607,15 @@ def add_exit_arguments(parser, *, overwrite: bool = True) -> None:
         "exit starts as the final norm and head on the layer's output (an adapter init)",
     )
     add(
+        "--exit-temperature-init",
+        type=float,
+        default=1.0,
+        metavar="T",
+        help="new exits start with their logits divided by T (their last norm scaled by 1/T); "
+        "a pretrained model's logit lens is overconfident mid-network (tools/eval_exits.py "
+        "prints each exit's best T)",
+    )
+    add(
         "--init-method-std",
         type=float,
         default=None,
@@ -626,6 +636,7 @@ def new_exits_from_args(args) -> NewExits:
         "--untie-exit-output-weights": args.untie_exit_output_weights,
         "--random-init": args.random_init, "--init-method-std": args.init_method_std is not None,
         "--exit-mlp-zero-init": args.exit_mlp_zero_init,
+        "--exit-temperature-init": args.exit_temperature_init != 1.0,
         "--overwrite-exits": getattr(args, "overwrite_exits", False),
     }  # fmt: skip
     if not args.exit_layer_nums:
@@ -640,6 +651,10 @@ def new_exits_from_args(args) -> NewExits:
         problems.append("--exit-mlp-zero-init applies to --use-exit-mlp exits")
     if args.exit_mlp_zero_init and args.random_init:
         problems.append("--exit-mlp-zero-init and --random-init are mutually exclusive")
+    if not args.exit_temperature_init > 0:
+        problems.append(f"--exit-temperature-init must be > 0, got {args.exit_temperature_init}")
+    elif args.exit_temperature_init != 1.0 and not args.use_exit_norm:
+        problems.append("--exit-temperature-init scales the exit's norm: it needs --use-exit-norm")
     _raise("exit flags", problems)
     return NewExits(
         layer_numbers=tuple(args.exit_layer_nums),
@@ -650,6 +665,7 @@ def new_exits_from_args(args) -> NewExits:
         untied=args.untie_exit_output_weights,
         random_init=args.random_init,
         zero_mlp_output=args.exit_mlp_zero_init,
+        temperature=args.exit_temperature_init,
         init_method_std=args.init_method_std,
         overwrite=getattr(args, "overwrite_exits", False),
     )

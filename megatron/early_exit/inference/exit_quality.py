@@ -5,6 +5,9 @@ exits on) and, at each of the ``s`` positions, compares each exit with the label
 entropy) and with the final head (does the exit's top-1 token equal the final head's?). Exits
 with a learned confidence head also report how well it predicts that agreement: the mean
 predicted probability, the share of tokens it classifies right at 0.5, and its ROC AUC.
+Every head also reports the temperature of :data:`TEMPERATURES` whose scaled logits have the
+lowest cross entropy (what ``--exit-temperature-init`` of the checkpoint tools takes): a
+pretrained model's logit lens is badly overconfident mid-network.
 
 Agreement is the quantity early exit trades against speed: a token that exits at an exit whose
 top-1 equals the final head's is what full decoding would have produced (greedy).
@@ -18,6 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 FINAL = "final"
+TEMPERATURES = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
 
 
 @dataclass
@@ -34,6 +38,9 @@ class HeadQuality:
     confidence_mean: float | None = None
     confidence_accuracy: float | None = None
     confidence_auc: float | None = None
+    best_temperature: float = 1.0
+    """The temperature of :data:`TEMPERATURES` with the lowest cross entropy of logits / T."""
+    best_temperature_loss: float = math.nan
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -71,7 +78,8 @@ def exit_quality(model, windows: torch.Tensor, batch_size: int = 1) -> list[Head
         for d in depths
     ]
     sums = {
-        key: {"loss": 0.0, "agree": 0, "conf": [], "hit": []} for key in [*map(str, depths), FINAL]
+        key: {"loss": 0.0, "agree": 0, "conf": [], "hit": [], "scaled": [0.0] * len(TEMPERATURES)}
+        for key in [*map(str, depths), FINAL]
     }
     count = 0
     try:
@@ -85,10 +93,17 @@ def exit_quality(model, windows: torch.Tensor, batch_size: int = 1) -> list[Head
             final_top1 = final.argmax(-1)
             heads = {FINAL: final, **{str(d): exits[d] for d in depths}}
             for key, logits in heads.items():
-                logits = logits.float()
-                loss = torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum"
-                )
+                shape = logits.shape
+                logits = logits.float().reshape(-1, shape[-1])
+                targets = labels.reshape(-1)
+                loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+                for i, temperature in enumerate(TEMPERATURES):
+                    sums[key]["scaled"][i] += float(
+                        torch.nn.functional.cross_entropy(
+                            logits / temperature, targets, reduction="sum"
+                        )
+                    )
+                logits = logits.view(shape)
                 agree = logits.argmax(-1) == final_top1
                 sums[key]["loss"] += float(loss)
                 sums[key]["agree"] += int(agree.sum())
@@ -112,6 +127,9 @@ def exit_quality(model, windows: torch.Tensor, batch_size: int = 1) -> list[Head
             agreement=values["agree"] / count,
             tokens=count,
         )
+        scaled = [total / count for total in values["scaled"]]
+        best = min(range(len(TEMPERATURES)), key=scaled.__getitem__)
+        quality.best_temperature, quality.best_temperature_loss = TEMPERATURES[best], scaled[best]
         if values["conf"]:
             conf, hit = torch.cat(values["conf"]), torch.cat(values["hit"])
             quality.confidence_mean = float(conf.mean())
@@ -138,6 +156,7 @@ def format_table(rows: list[HeadQuality], title: str = "") -> str:
     lines = [title] if title else []
     lines.append(
         f"{'head':>6} {'loss':>8} {'ppl':>10} {'agree':>7} {'conf':>6} {'acc':>6} {'auc':>6}"
+        f" {'best T':>6} {'loss@T':>8}"
     )
     for r in rows:
         conf = (
@@ -146,5 +165,8 @@ def format_table(rows: list[HeadQuality], title: str = "") -> str:
             if r.confidence_mean is not None
             else f"{'-':>6} {'-':>6} {'-':>6}"
         )
-        lines.append(f"{r.head:>6} {r.loss:8.4f} {r.perplexity:10.2f} {r.agreement:7.3f} {conf}")
+        lines.append(
+            f"{r.head:>6} {r.loss:8.4f} {r.perplexity:10.2f} {r.agreement:7.3f} {conf}"
+            f" {r.best_temperature:6.1f} {r.best_temperature_loss:8.4f}"
+        )
     return "\n".join(lines)
