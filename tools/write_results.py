@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -24,12 +25,13 @@ ROW_KEYS = (
 
 
 def load_rows(paths: list[Path]) -> tuple[list[dict], list[dict]]:
-    """``(rows, metas)``: every bench row (the keys above) with its source file."""
+    """``(rows, metas)``: every bench row (the keys above) with its source file; each meta
+    carries its run's ``unit_costs``."""
     rows, metas = [], []
     for path in paths:
         record = json.loads(path.read_text())
         meta = record.get("meta", {})
-        metas.append({"file": path.name, **meta})
+        metas.append({"file": path.name, **meta, "unit_costs": record.get("unit_costs", {})})
         for row in record["rows"]:
             kept = {key: row.get(key) for key in ROW_KEYS}
             kept["source"] = path.name
@@ -52,7 +54,7 @@ def label(row: dict) -> str:
     if row["method"] in ("recompute", "pipelined"):
         name += f", {row['confidence_measure']}"
     if row["method"] == "speculative":
-        name += f", k={row['num_draft_tokens']}"
+        name += f", k={row['num_draft_tokens']}, exit {row['draft_exit_depth']}"
     return name
 
 
@@ -69,6 +71,71 @@ def markdown_rows(rows: list[dict]) -> str:
             f"| {label(row)} | {_f(row['threshold'])} | {_f(row['tokens_per_second'], '.1f')} | "
             f"{_f(row['speedup'])} | {_f(row['ideal_speedup'])} | {_f(row['agreement'], '.3f')} | "
             f"{_f(row['rouge_l'], '.3f')} | {_f(row['mean_exit_layer'], '.1f')} | {usage} |"
+        )
+    return "\n".join(lines)
+
+
+def _exit_parts(per_call: dict, depth: str, width: int = 1) -> dict[str, float]:
+    prefix = f"exit{depth}/"
+    return {
+        key[len(prefix) :].rsplit("@", 1)[0]: ms
+        for key, ms in per_call.items()
+        if key.startswith(prefix) and key.endswith(f"@{width}")
+    }
+
+
+COST_NOTE = (
+    "Measured per-call milliseconds of each bench run: a layer at one position and at two (what "
+    "KV recomputation runs after an early exit), an exit's transform (norms + MLP), its "
+    "confidence head and its projection (averaged over exits), the final head (norm + "
+    "projection). A decision at an exit costs the transform plus the confidence head with "
+    "`learned`, the transform plus the projection with `max_prob`."
+)
+
+
+def cost_table(records: list[tuple[str, dict]]) -> str:
+    """The :data:`COST_NOTE` table, one row per ``(run name, unit_costs)``."""
+    lines = [
+        "| run | layer (1 pos) | layer (2 pos) | exit transform | confidence head | exit "
+        "projection | final head | learned decision | max-prob decision |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, unit in records:
+        per_call = unit.get("per_call_ms") or {}
+        exits = sorted(unit.get("exit_head_ms") or {}, key=int)
+        parts = [_exit_parts(per_call, d) for d in exits]
+        parts = [p for p in parts if p]
+
+        def mean(values):
+            values = [v for v in values if v is not None]
+            return sum(values) / len(values) if values else None
+
+        transform = mean([sum(v for k, v in p.items() if k in ("norm", "mlp_norm", "mlp", "layer"))
+                          for p in parts])  # fmt: skip
+        confidence = mean([p.get("confidence_head") for p in parts])
+        projection = mean([p.get("output_layer") for p in parts])
+        learned = None if transform is None or confidence is None else transform + confidence
+        max_prob = None if transform is None or projection is None else transform + projection
+        lines.append(
+            f"| {name} | {_f(per_call.get('layer@1'))} | {_f(per_call.get('layer@2'))} | "
+            f"{_f(transform)} | {_f(confidence)} | {_f(projection)} | "
+            f"{_f(unit.get('final_head_ms'))} | {_f(learned)} | {_f(max_prob)} |"
+        )
+    return "\n".join(lines)
+
+
+def runs_list(metas: list[dict]) -> str:
+    """One line per bench run: its command line, threads, load and software."""
+    lines = []
+    for meta in metas:
+        argv = shlex.join(meta.get("argv") or [])
+        load = ", ".join(f"{x:.1f}" for x in meta.get("load_average") or [])
+        layout = f"TP={meta.get('tensor_parallel_size')} PP={meta.get('pipeline_parallel_size')}"
+        threads = f"{meta.get('torch_threads')} torch threads on {meta.get('cpu_count')} CPUs"
+        lines.append(
+            f"- `{meta['file']}`: `tools/bench_generation.py {argv}`; {layout}, {threads}, "
+            f"load average {load}, {_f(meta.get('seconds'), '.0f')} s; torch {meta.get('torch')}, "
+            f"Python {meta.get('python')}, checkpoint iteration {meta.get('iteration')}"
         )
     return "\n".join(lines)
 
@@ -177,6 +244,9 @@ def main(argv=None) -> int:
     text += [quality_table(before, after), "", "## Decoding", "", markdown_rows(rows), ""]
     text += ["![speed-up vs agreement](speedup_vs_agreement.png)", ""]
     text += ["![exit usage](exit_usage.png)", ""]
+    text += ["## Cost model (ms per call, one decode step, batch 1)", "", COST_NOTE, ""]
+    text += [cost_table([(Path(m["file"]).stem, m["unit_costs"]) for m in metas]), ""]
+    text += ["## Runs", "", runs_list(metas), ""]
     (out / "README.md").write_text("\n".join(text))
     print(f"wrote {out}/README.md, results.json and plots ({len(rows)} rows)")
     return 0
