@@ -99,3 +99,47 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     scale = expected.abs().max().item()
     diff = (actual - expected).abs().max().item()
     return diff / scale if scale > 0 else diff
+
+
+def backward_and_gather(ddp, model, config, batch: dict, final, exit_losses: dict) -> dict:
+    """One training step's reference numbers from per-token losses already computed by ``ddp``:
+    masked means per head, the weighted total's backward, ``finalize_model_grads``, every
+    parameter's TP-gathered ``main_grad``, then the eval-mode forward's gathered logits.
+
+    Returns ``{"losses": {head: tensor}, "grads": {name: tensor}, "final_logits", "exit_logits"}``
+    (``head`` is ``"final"`` or an exit depth).
+    """
+    from megatron.core import parallel_state
+    from megatron.core.distributed import finalize_model_grads
+
+    from megatron.early_exit.model.losses import masked_mean, weighted_total_loss
+    from megatron.early_exit.model.sharding import gather
+
+    mask = batch["loss_mask"]
+    losses = {"final": masked_mean(final, mask)}
+    losses.update({d: masked_mean(v, mask) for d, v in exit_losses.items()})
+    weights = {e.depth: e.loss_weight for e in config.exit_heads}
+    total = weighted_total_loss(losses["final"], {d: losses[d] for d in exit_losses}, weights)
+    ddp.zero_grad_buffer()
+    total.backward()
+    finalize_model_grads([ddp])
+    group = parallel_state.get_tensor_model_parallel_group()
+    grads = {n: gather(p.main_grad, p, group) for n, p in model.named_parameters()}
+    model.eval()
+    with torch.no_grad():
+        final_logits, exit_logits = model(
+            batch["input_ids"], batch["position_ids"], batch["attention_mask"],
+            runtime_gather_output=True,
+        )  # fmt: skip
+    return {"losses": losses, "grads": grads, "final_logits": final_logits,
+            "exit_logits": exit_logits}  # fmt: skip
+
+
+def no_cache_forward(model, sequence: torch.Tensor):
+    """``(final, exits)`` gathered logits of megatron's own causal forward over ``sequence``
+    ``[b, n]``, without a KV cache: the oracle decoding tests compare against."""
+    n = sequence.shape[1]
+    causal = torch.ones(1, 1, n, n, dtype=torch.bool).triu(1)
+    positions = torch.arange(n).unsqueeze(0).expand(sequence.shape[0], -1)
+    with torch.no_grad():
+        return model(sequence, positions, causal, runtime_gather_output=True)

@@ -29,6 +29,7 @@ from tests.distributed.harness import run_distributed
 from tests.helpers import (
     SEQ,
     VOCAB,
+    backward_and_gather,
     make_batch,
     position_embedding_type,
     relative_error,
@@ -60,17 +61,13 @@ def _config(family: str, tp: int, sp: bool, *, kl: float, confidence: int):
 
 def _step(family: str, tp: int, sp: bool, *, kl=KL_WEIGHT, confidence=CONFIDENCE_SIZE) -> dict:
     """Forward (deferred exits) + backward of the weighted total; losses, terms, full grads."""
-    from megatron.core import parallel_state
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
-        finalize_model_grads,
     )
 
     from megatron.early_exit import platform
     from megatron.early_exit.model.builder import build_early_exit_model, reproducible_init_
-    from megatron.early_exit.model.losses import masked_mean, weighted_total_loss
-    from megatron.early_exit.model.sharding import gather
 
     platform.initialize(tp, 1, seed=7)
     config = _config(family, tp, sp, kl=kl, confidence=confidence)
@@ -88,22 +85,9 @@ def _step(family: str, tp: int, sp: bool, *, kl=KL_WEIGHT, confidence=CONFIDENCE
         labels=batch["labels"], defer_exits=True,
     )  # fmt: skip
     per_token = {d: p.compute() for d, p in pending.items()}
-    mask = batch["loss_mask"]
-    losses = {"final": masked_mean(final, mask)}
-    losses.update({d: masked_mean(v, mask) for d, v in per_token.items()})
-    weights = {e.depth: e.loss_weight for e in config.exit_heads}
-    total = weighted_total_loss(losses["final"], {d: losses[d] for d in per_token}, weights)
-    ddp.zero_grad_buffer()
-    total.backward()
-    finalize_model_grads([ddp])
-    group = parallel_state.get_tensor_model_parallel_group()
-    grads = {n: gather(p.main_grad, p, group) for n, p in model.named_parameters()}
-    model.eval()
-    with torch.no_grad():
-        final_logits, exit_logits = model(
-            batch["input_ids"], batch["position_ids"], batch["attention_mask"],
-            runtime_gather_output=True,
-        )  # fmt: skip
+    step = backward_and_gather(ddp, model, config, batch, final, per_token)
+    losses, grads = step["losses"], step["grads"]
+    final_logits, exit_logits = step["final_logits"], step["exit_logits"]
     return {
         "config": config,
         "model": model,

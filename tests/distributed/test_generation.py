@@ -12,7 +12,13 @@ import pytest
 import torch
 
 from tests.distributed.harness import run_distributed
-from tests.helpers import VOCAB, position_embedding_type, relative_error, tiny_config
+from tests.helpers import (
+    VOCAB,
+    no_cache_forward,
+    position_embedding_type,
+    relative_error,
+    tiny_config,
+)
 
 FAMILY_NAMES = ("gpt", "llama")
 MAX_SEQ = 128
@@ -126,12 +132,7 @@ def _consistency_checks(model, prompts) -> dict:
     worst = {"violations": 0, "ambiguous": 0, "logprob": 0.0, "tokens": 0}
     for prompt, result in zip(prompts, results):
         sequence = torch.tensor([prompt + result.tokens])
-        n = sequence.shape[1]
-        with torch.no_grad():
-            final, exits = model(
-                sequence, torch.arange(n)[None], torch.ones(1, 1, n, n, dtype=torch.bool).triu(1),
-                runtime_gather_output=True,
-            )  # fmt: skip
+        final, exits = no_cache_forward(model, sequence)
         for i, (token, depth) in enumerate(zip(result.tokens, result.exit_layers)):
             position = len(prompt) - 1 + i
             conf = {d: float(max_prob_confidence(exits[d][:, position])) for d in depths}

@@ -15,7 +15,7 @@ import torch
 
 from tests.distributed.harness import run_distributed
 from tests.distributed.test_generation import INIT_STD, MAX_SEQ, _prompts
-from tests.helpers import VOCAB, position_embedding_type, tiny_config
+from tests.helpers import VOCAB, no_cache_forward, position_embedding_type, tiny_config
 
 THRESHOLD = 0.5
 NEW_TOKENS = 10
@@ -60,12 +60,8 @@ def _oracle_violations(model, prompts, results) -> dict:
     out = {"violations": 0, "ambiguous": 0, "checked": 0}
     for prompt, result in zip(prompts, results):
         sequence = torch.tensor([prompt + result.tokens])
-        n = sequence.shape[1]
+        final, exits = no_cache_forward(model, sequence)
         with torch.no_grad():
-            final, exits = model(
-                sequence, torch.arange(n)[None], torch.ones(1, 1, n, n, dtype=torch.bool).triu(1),
-                runtime_gather_output=True,
-            )  # fmt: skip
             conf = {d: model.exit_heads[str(d)].confidence(captured[d])[:, 0] for d in depths}
         for i, (token, depth) in enumerate(zip(result.tokens, result.exit_layers)):
             position = len(prompt) - 1 + i

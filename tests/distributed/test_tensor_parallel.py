@@ -15,6 +15,7 @@ from tests.distributed.harness import run_distributed
 from tests.helpers import (
     SEQ,
     VOCAB,
+    backward_and_gather,
     make_batch,
     position_embedding_type,
     relative_error,
@@ -46,32 +47,14 @@ def _build(family: str, tp: int, sp: bool):
 
 def _step(family: str, tp: int, sp: bool) -> dict:
     """Forward + backward of the weighted total loss; returns losses, logits and full grads."""
-    from megatron.core import parallel_state
-    from megatron.core.distributed import finalize_model_grads
-
-    from megatron.early_exit.model.losses import masked_mean, weighted_total_loss
-    from megatron.early_exit.model.sharding import gather
-
     config, model, ddp = _build(family, tp, sp)
     batch = make_batch(seed=3)
     final, exits = ddp(
         batch["input_ids"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"]
     )
-    losses = {"final": masked_mean(final, batch["loss_mask"])}
-    losses.update({d: masked_mean(v, batch["loss_mask"]) for d, v in exits.items()})
-    weights = {e.depth: e.loss_weight for e in config.exit_heads}
-    total = weighted_total_loss(losses["final"], {d: losses[d] for d in exits}, weights)
-    ddp.zero_grad_buffer()
-    total.backward()
-    finalize_model_grads([ddp])
-    group = parallel_state.get_tensor_model_parallel_group()
-    grads = {n: gather(p.main_grad, p, group) for n, p in model.named_parameters()}
-    model.eval()
-    with torch.no_grad():
-        logits, exit_logits = model(
-            batch["input_ids"], batch["position_ids"], batch["attention_mask"],
-            runtime_gather_output=True,
-        )  # fmt: skip
+    step = backward_and_gather(ddp, model, config, batch, final, exits)
+    losses, grads = step["losses"], step["grads"]
+    logits, exit_logits = step["final_logits"], step["exit_logits"]
     exit_checks = _exit_logits_match_manual(model, batch, exit_logits)
     exit_checks.update(_exit_losses_match_formula(config, batch, exits, exit_logits))
     return {
