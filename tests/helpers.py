@@ -143,3 +143,33 @@ def no_cache_forward(model, sequence: torch.Tensor):
     positions = torch.arange(n).unsqueeze(0).expand(sequence.shape[0], -1)
     with torch.no_grad():
         return model(sequence, positions, causal, runtime_gather_output=True)
+
+
+def tiny_hf_model(family: str, num_layers: int = 3):
+    """A small random HF ``LlamaForCausalLM`` (untied, GQA, RoPE) or ``GPT2LMHeadModel`` (tied),
+    float32, eval mode, with weights far from their initialisation."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed({"llama": 1, "gpt2": 2}[family])
+    if family == "llama":
+        config = LlamaConfig(
+            vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=num_layers,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            tie_word_embeddings=False, rms_norm_eps=1e-5,
+            rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
+            bos_token_id=1, eos_token_id=2, pad_token_id=None,
+        )  # fmt: skip
+        model = LlamaForCausalLM(config)
+    else:
+        config = GPT2Config(
+            vocab_size=128, n_embd=64, n_layer=num_layers, n_head=4, n_positions=32,
+            bos_token_id=0, eos_token_id=0,
+        )  # fmt: skip
+        model = GPT2LMHeadModel(config)
+    with torch.no_grad():  # attention far from uniform, norms not the identity, biases not 0
+        for param in model.parameters():
+            if param.dim() == 1:
+                param.add_(0.1 * torch.randn_like(param))
+            else:
+                param.normal_(0.0, 0.15)
+    return model.float().eval()

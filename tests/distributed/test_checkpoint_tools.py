@@ -22,40 +22,13 @@ import pytest
 import torch
 
 from tests.distributed.harness import run_distributed
+from tests.helpers import tiny_hf_model
 
 LOGIT_TOL = 1e-4
 FAMILIES = ("llama", "gpt2")
 NUM_LAYERS = 3
 BATCH, SEQ = 2, 12
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _hf_model(family: str):
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed({"llama": 1, "gpt2": 2}[family])
-    if family == "llama":
-        config = LlamaConfig(
-            vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=NUM_LAYERS,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-            tie_word_embeddings=False, rms_norm_eps=1e-5,
-            rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
-            bos_token_id=1, eos_token_id=2, pad_token_id=None,
-        )  # fmt: skip
-        model = LlamaForCausalLM(config)
-    else:
-        config = GPT2Config(
-            vocab_size=128, n_embd=64, n_layer=NUM_LAYERS, n_head=4, n_positions=32,
-            bos_token_id=0, eos_token_id=0,
-        )  # fmt: skip
-        model = GPT2LMHeadModel(config)
-    with torch.no_grad():  # attention far from uniform, norms not the identity, biases not 0
-        for param in model.parameters():
-            if param.dim() == 1:
-                param.add_(0.1 * torch.randn_like(param))
-            else:
-                param.normal_(0.0, 0.15)
-    return model.float().eval()
 
 
 def _save_tokenizer(directory: Path) -> None:
@@ -112,7 +85,7 @@ def _family_checks(family: str, root: Path) -> dict:
     from megatron.early_exit.training.checkpointing import read_checkpoint_info
 
     out: dict = {}
-    hf = _hf_model(family)
+    hf = tiny_hf_model(family, NUM_LAYERS)
     hf_sd = {k: v.clone() for k, v in hf.state_dict().items()}
     hf_dir, ckpt, back_dir = root / f"{family}_hf", root / f"{family}_ckpt", root / f"{family}_hf2"
     hf.save_pretrained(str(hf_dir))

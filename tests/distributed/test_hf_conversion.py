@@ -15,38 +15,11 @@ import pytest
 import torch
 
 from tests.distributed.harness import run_distributed
+from tests.helpers import tiny_hf_model
 
 LOGIT_TOL = 1e-4
 FAMILIES = ("llama", "gpt2")
 BATCH, SEQ = 2, 12
-
-
-def _hf_model(family: str):
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed({"llama": 1, "gpt2": 2}[family])
-    if family == "llama":
-        config = LlamaConfig(
-            vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-            tie_word_embeddings=False, rms_norm_eps=1e-5,
-            rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
-            bos_token_id=1, eos_token_id=2, pad_token_id=None,
-        )  # fmt: skip
-        model = LlamaForCausalLM(config)
-    else:
-        config = GPT2Config(
-            vocab_size=128, n_embd=64, n_layer=3, n_head=4, n_positions=32,
-            bos_token_id=0, eos_token_id=0,
-        )  # fmt: skip
-        model = GPT2LMHeadModel(config)
-    with torch.no_grad():  # attention far from uniform, norms not the identity, biases not 0
-        for param in model.parameters():
-            if param.dim() == 1:
-                param.add_(0.1 * torch.randn_like(param))
-            else:
-                param.normal_(0.0, 0.15)
-    return model.float().eval()
 
 
 def _family_checks(family: str) -> dict:
@@ -60,7 +33,7 @@ def _family_checks(family: str) -> dict:
     from megatron.early_exit.config import EarlyExitTransformerConfig, ExitHeadConfig
     from megatron.early_exit.model.builder import build_early_exit_model
 
-    hf = _hf_model(family)
+    hf = tiny_hf_model(family)
     hf_sd = hf.state_dict()
     config_kwargs, model_kwargs = config_from_hf(hf.config)
     untied = config_kwargs["untie_embeddings_and_output_weights"]
