@@ -49,7 +49,7 @@ def label(row: dict) -> str:
     name = row["method"]
     if name == "full":  # each bench run has its own, measured beside its rows
         return f"full ({Path(row['source']).stem})"
-    if row.get("pipeline_parallel_size", 1) and row.get("pipeline_parallel_size", 1) > 1:
+    if (row.get("pipeline_parallel_size") or 1) > 1:
         name += f" (PP={row['pipeline_parallel_size']})"
     if row["method"] in ("recompute", "pipelined"):
         name += f", {row['confidence_measure']}"
@@ -93,6 +93,12 @@ COST_NOTE = (
 )
 
 
+def _mean(values) -> float | None:
+    """Mean of the values that are not None; None when there are none."""
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
 def cost_table(records: list[tuple[str, dict]]) -> str:
     """The :data:`COST_NOTE` table, one row per ``(run name, unit_costs)``."""
     lines = [
@@ -105,15 +111,10 @@ def cost_table(records: list[tuple[str, dict]]) -> str:
         exits = sorted(unit.get("exit_head_ms") or {}, key=int)
         parts = [_exit_parts(per_call, d) for d in exits]
         parts = [p for p in parts if p]
-
-        def mean(values):
-            values = [v for v in values if v is not None]
-            return sum(values) / len(values) if values else None
-
-        transform = mean([sum(v for k, v in p.items() if k in ("norm", "mlp_norm", "mlp", "layer"))
+        transform = _mean([sum(v for k, v in p.items() if k in ("norm", "mlp_norm", "mlp", "layer"))
                           for p in parts])  # fmt: skip
-        confidence = mean([p.get("confidence_head") for p in parts])
-        projection = mean([p.get("output_layer") for p in parts])
+        confidence = _mean([p.get("confidence_head") for p in parts])
+        projection = _mean([p.get("output_layer") for p in parts])
         learned = None if transform is None or confidence is None else transform + confidence
         max_prob = None if transform is None or projection is None else transform + projection
         lines.append(
