@@ -283,8 +283,8 @@ def pp2_cases(settings: Settings) -> list[Case]:
 
 def pp4_cases(settings: Settings) -> list[Case]:
     """Baseline first: exits on stages 0-2 without fill; then default fill; then warm-up only."""
-    from megatron.early_exit.model.placement import stages_with_exits
     from megatron.early_exit.pipeline.bubble_fill import FillConfig, build_fill_schedule
+    from megatron.early_exit.placement import stages_with_exits
 
     batches = make_batches(settings, settings.num_microbatches, SEED)
     config, ddp = build_early_exit(settings, 4, exit_stages=(0, 1, 2))

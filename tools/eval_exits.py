@@ -15,8 +15,6 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -54,16 +52,17 @@ def read_texts(path: Path, key: str) -> list[str]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from megatron.early_exit import platform
-    from megatron.early_exit.checkpoint.add_exits import load_checkpoint_model
+    from megatron.early_exit.checkpoint.loading import load_for_inference
     from megatron.early_exit.data.corpus import prepare_brown
-    from megatron.early_exit.data.tokenizers import checkpoint_tokenizer
     from megatron.early_exit.inference.exit_quality import exit_quality, format_table, token_windows
 
     path = Path(args.text_jsonl) if args.text_jsonl else prepare_brown().heldout
     texts = read_texts(path, args.json_key)
-    platform.initialize(1, 1)
-    info, _config, model = load_checkpoint_model(args.load)
-    tokenizer = checkpoint_tokenizer(info, args.tokenizer_model)
+    try:
+        loaded = load_for_inference(args.load, tokenizer_model=args.tokenizer_model)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    model, tokenizer = loaded.model, loaded.tokenizer
     ids: list[int] = []
     for text in texts:
         ids.extend(tokenizer.tokenize(text))

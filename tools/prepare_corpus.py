@@ -13,12 +13,9 @@ The cache directory is --cache-dir, else $EE_LLM_ASSETS, else <repo>/assets.
 """
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
-
-from megatron.early_exit.data import corpus  # noqa: E402
+from megatron.early_exit.data import corpus
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -7,13 +7,10 @@ Usage: ``python tools/prepare_smollm2.py [--cache-dir DIR]``; prints the HF dire
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
-
-from megatron.early_exit.data.corpus import AssetFetchError  # noqa: E402
-from megatron.early_exit.data.smollm2 import prepare_smollm2  # noqa: E402
+from megatron.early_exit.data.corpus import AssetFetchError
+from megatron.early_exit.data.smollm2 import prepare_smollm2
 
 
 def main(argv: list[str] | None = None) -> int:

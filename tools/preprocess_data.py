@@ -8,17 +8,14 @@ writes data/brown_text_document.bin/.idx. See megatron/early_exit/data/preproces
 """
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
-
-from megatron.early_exit.data.preprocess import (  # noqa: E402
+from megatron.early_exit.data.preprocess import (
     MalformedInputError,
     describe_malformed,
     preprocess_jsonl,
 )
-from megatron.early_exit.data.tokenizers import TOKENIZER_TYPES  # noqa: E402
+from megatron.early_exit.data.tokenizers import TOKENIZER_TYPES
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -14,10 +14,7 @@ self-speculation on request). The world size must be TP x PP (one model replica)
 
 import argparse
 import os
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def parse_args() -> argparse.Namespace:
@@ -52,33 +49,15 @@ def parallel_layout(args, world_size: int) -> tuple[int, int]:
 
 def build_generator(args, tensor_parallel_size: int, pipeline_parallel_size: int = 1):
     """Initialise the platform for the layout, load ``--load`` into this rank's slice."""
-    from megatron.early_exit import platform
-    from megatron.early_exit.checkpoint.add_exits import (
-        build_model,
-        checkpoint_config,
-        make_trainer,
-    )
-    from megatron.early_exit.data.tokenizers import checkpoint_tokenizer
-    from megatron.early_exit.model.placement import tied_exit_stages
+    from megatron.early_exit.checkpoint.loading import Layout, load_for_inference
     from megatron.early_exit.server.engine_generator import EngineGenerator
-    from megatron.early_exit.training.checkpointing import load_checkpoint, read_checkpoint_info
 
-    info = read_checkpoint_info(args.load)
-    config = checkpoint_config(
-        info,
-        tensor_model_parallel_size=tensor_parallel_size,
-        pipeline_model_parallel_size=pipeline_parallel_size,
-    )
-    platform.initialize(
-        tensor_parallel_size, pipeline_parallel_size, embedding_stages=tied_exit_stages(config)
-    )
-    model = build_model(config, info.model)
-    load_checkpoint(args.load, make_trainer(model), load_optimizer=False)
+    layout = Layout(tensor_parallel_size, pipeline_parallel_size)
     try:
-        tokenizer = checkpoint_tokenizer(info, args.tokenizer_model)
+        loaded = load_for_inference(args.load, layout, tokenizer_model=args.tokenizer_model)
     except ValueError as error:
-        raise SystemExit(f"{args.load}: {error}") from None
-    return EngineGenerator(model, tokenizer, info.model["max_sequence_length"])
+        raise SystemExit(str(error)) from None
+    return EngineGenerator(loaded.model, loaded.tokenizer, loaded.info.model["max_sequence_length"])
 
 
 def main() -> None:

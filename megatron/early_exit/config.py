@@ -20,6 +20,8 @@ from typing import Literal
 
 from megatron.core.transformer import TransformerConfig
 
+from megatron.early_exit.placement import exit_heads_on_stage
+
 ExitStructure = Literal["head", "norm", "mlp", "block"]
 EXIT_STRUCTURES: tuple[str, ...] = ("head", "norm", "mlp", "block")
 WARMUP_STYLES: tuple[str, ...] = ("linear", "cosine")
@@ -212,8 +214,6 @@ class EarlyExitTransformerConfig(TransformerConfig):
             return
         # The teacher is the final head's output of the same microbatch, which only the last
         # pipeline stage has; sending the final logits back to earlier stages is not supported.
-        from megatron.early_exit.model.placement import exit_heads_on_stage
-
         last_stage = self.pipeline_model_parallel_size - 1
         on_last_stage = set(exit_heads_on_stage(self, last_stage))
         for exit_head in self.exit_heads:

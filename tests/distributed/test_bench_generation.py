@@ -30,10 +30,9 @@ ROW_KEYS = {
 
 def bench_worker(rank: int, world_size: int, tmp: str) -> dict:
     from megatron.early_exit import platform
-    from megatron.early_exit.checkpoint.add_exits import make_trainer
+    from megatron.early_exit.checkpoint.store import save_checkpoint
     from megatron.early_exit.inference.bench.cli import main
     from megatron.early_exit.model.builder import build_early_exit_model
-    from megatron.early_exit.training.checkpointing import save_checkpoint
     from tests.helpers import tiny_config
 
     platform.initialize(1, 1, seed=7)
@@ -41,7 +40,7 @@ def bench_worker(rank: int, world_size: int, tmp: str) -> dict:
     model = build_early_exit_model(config, 257, 128, position_embedding_type="rope", seed=11)
     checkpoint = Path(tmp) / "ckpt"
     tokenizer = {"tokenizer_type": "ByteLevelTokenizer"}
-    save_checkpoint(checkpoint, make_trainer(model), model_args={"tokenizer": tokenizer})
+    save_checkpoint(checkpoint, model, iteration=0, model_args={"tokenizer": tokenizer})
     prompts = Path(tmp) / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     out = Path(tmp)

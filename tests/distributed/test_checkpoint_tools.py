@@ -70,10 +70,7 @@ def _error(fn, *args, **kwargs) -> str:
 def _family_checks(family: str, root: Path) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from megatron.early_exit.checkpoint.add_exits import (
-        add_exits_to_checkpoint,
-        load_checkpoint_model,
-    )
+    from megatron.early_exit.checkpoint.add_exits import add_exits_to_checkpoint
     from megatron.early_exit.checkpoint.convert import (
         EXITS_JSON,
         NewExits,
@@ -82,7 +79,8 @@ def _family_checks(family: str, root: Path) -> dict:
         megatron_to_hf,
         read_hf_state_dict,
     )
-    from megatron.early_exit.training.checkpointing import read_checkpoint_info
+    from megatron.early_exit.checkpoint.loading import load_model
+    from megatron.early_exit.checkpoint.store import read_checkpoint_info
 
     out: dict = {}
     hf = tiny_hf_model(family, NUM_LAYERS)
@@ -99,7 +97,7 @@ def _family_checks(family: str, root: Path) -> dict:
         hf_dir, ckpt, target_tensor_parallel_size=2, target_pipeline_parallel_size=1,
         new_exits=NewExits((NUM_LAYERS,), structure="norm"),
     )  # fmt: skip
-    info, config, model = load_checkpoint_model(ckpt)
+    info, config, model = load_model(ckpt)
     logits, exits = _ours(model)
     out["logits_max_abs"] = (logits - expected).abs().max().item()
     out["logits_scale"] = expected.abs().max().item()
@@ -162,7 +160,7 @@ def _family_checks(family: str, root: Path) -> dict:
     add_exits_to_checkpoint(
         ckpt, added, layer_numbers=[1, NUM_LAYERS], structure=structure, overwrite=True
     )
-    info3, config3, model3 = load_checkpoint_model(added)
+    info3, config3, model3 = load_model(added)
     sd3 = model3.state_dict()
     out["add/model_args_kept"] = info3.model_args == info.model_args
     out["add/structures"] = [(e.depth, e.structure, e.untied) for e in config3.exit_heads]

@@ -150,7 +150,8 @@ def _error_message(fn) -> str:
 
 def _resume_case(root: Path, family: str, distributed_optimizer: bool) -> tuple[dict, object]:
     from megatron.early_exit import platform
-    from megatron.early_exit.training import checkpointing as ckpt
+    from megatron.early_exit.checkpoint import record
+    from megatron.early_exit.checkpoint import store as ckpt
 
     config = tiny_config(family, hidden_dropout=0.1, attention_dropout=0.1)
     platform.initialize(1, 1, seed=5)
@@ -160,14 +161,14 @@ def _resume_case(root: Path, family: str, distributed_optimizer: bool) -> tuple[
     platform.initialize(1, 1, seed=5)
     first = _trainer(config, family, seed=11, distributed_optimizer=distributed_optimizer)
     resumed_history = _train(first, HALF)
-    ckpt.save_checkpoint(root, first, data_state={"consumed_samples": 40}, model_args=MODEL_ARGS)
+    first.save_checkpoint(root, data_state={"consumed_samples": 40}, model_args=MODEL_ARGS)
 
     platform.initialize(1, 1, seed=77)  # other RNG states; other weights below
     resumed = _trainer(config, family, seed=12, distributed_optimizer=distributed_optimizer)
-    iteration = ckpt.load_checkpoint(root, resumed)
+    iteration = resumed.load_checkpoint(root)
     resumed_history += _train(resumed, 2 * HALF)
     info = ckpt.read_checkpoint_info(root)
-    rebuilt = ckpt.config_from_checkpoint(info)
+    rebuilt = record.config_from_checkpoint(info)
     out = {
         "iteration": iteration,
         "data_state": info.data_state,
@@ -175,7 +176,7 @@ def _resume_case(root: Path, family: str, distributed_optimizer: bool) -> tuple[
         "model": info.model,
         "optimizer": info.optimizer,
         "layout": info.layout,
-        "config_round_trip": ckpt.config_to_dict(rebuilt) == ckpt.config_to_dict(config),
+        "config_round_trip": record.config_to_dict(rebuilt) == record.config_to_dict(config),
         "resume_error": _max_relative_difference(resumed_history, expected),
         "num_iterations": len(resumed_history),
     }
@@ -186,7 +187,7 @@ def _crash_checks(root: Path, trainer) -> dict:
     """``trainer`` is at iteration HALF and was just saved into ``root``."""
     from unittest import mock
 
-    from megatron.early_exit.training import checkpointing as ckpt
+    from megatron.early_exit.checkpoint import store as ckpt
 
     batch = make_batch(seed=4242)
     saved = _logits(trainer.model.module, batch)
@@ -198,7 +199,7 @@ def _crash_checks(root: Path, trainer) -> dict:
 
     with mock.patch.object(ckpt, "_publish", fail_publish):
         out["publish_crash"] = _error_message(
-            lambda: ckpt.save_checkpoint(root, trainer, model_args=MODEL_ARGS)
+            lambda: trainer.save_checkpoint(root, model_args=MODEL_ARGS)
         )
     staging = root / (ckpt.iteration_dir_name(HALF + 2) + ckpt.INCOMPLETE_SUFFIX)
     out["publish_crash_left_staging"] = (staging / "metadata.json").is_file()
@@ -209,29 +210,29 @@ def _crash_checks(root: Path, trainer) -> dict:
 
     with mock.patch.object(ckpt.dist_checkpointing, "save", partial_save):
         out["partial_write_crash"] = _error_message(
-            lambda: ckpt.save_checkpoint(root, trainer, model_args=MODEL_ARGS)
+            lambda: trainer.save_checkpoint(root, model_args=MODEL_ARGS)
         )
     torch.distributed.barrier()
     out["tracker_after_crashes"] = (root / ckpt.TRACKER_FILENAME).read_text()
     out["published_after_crashes"] = sorted(p.name for p in root.iterdir())
 
     trainer.iteration = 999  # load must reset it
-    out["reloaded_iteration"] = ckpt.load_checkpoint(root, trainer)
+    out["reloaded_iteration"] = trainer.load_checkpoint(root)
     out["reloaded_logits_error"] = _logits_error(_logits(trainer.model.module, batch), saved)[0]
     return out
 
 
 def _error_checks(root: Path, tmp: Path, family: str) -> dict:
     """Errors naming the problem; finetune with another exit layout."""
-    from megatron.early_exit.training import checkpointing as ckpt
+    from megatron.early_exit.checkpoint import store as ckpt
 
     out = {}
     config = tiny_config(family)
     trainer = _trainer(config, family, seed=3)
-    out["missing_dir"] = _error_message(lambda: ckpt.load_checkpoint(tmp / "nowhere", trainer))
+    out["missing_dir"] = _error_message(lambda: trainer.load_checkpoint(tmp / "nowhere"))
     empty = tmp / "empty"
     empty.mkdir(exist_ok=True)
-    out["no_tracker"] = _error_message(lambda: ckpt.load_checkpoint(empty, trainer))
+    out["no_tracker"] = _error_message(lambda: trainer.load_checkpoint(empty))
 
     corrupted = tmp / "corrupted"
     if torch.distributed.get_rank() == 0:
@@ -240,18 +241,18 @@ def _error_checks(root: Path, tmp: Path, family: str) -> dict:
         for shard in iteration_dir.glob("*.distcp"):
             shard.write_bytes(shard.read_bytes()[:100])  # truncated by a full disk, say
     torch.distributed.barrier()
-    out["corrupted"] = _error_message(lambda: ckpt.load_checkpoint(corrupted, trainer))
+    out["corrupted"] = _error_message(lambda: trainer.load_checkpoint(corrupted))
     if torch.distributed.get_rank() == 0:
         (ckpt.read_checkpoint_info(corrupted).path / "metadata.json").unlink()
     torch.distributed.barrier()
-    out["incomplete"] = _error_message(lambda: ckpt.load_checkpoint(corrupted, trainer))
+    out["incomplete"] = _error_message(lambda: trainer.load_checkpoint(corrupted))
 
     other_exits = (ExitHeadConfig(2, structure="norm", untied=True),)
     other = _trainer(tiny_config(family, exit_heads=other_exits), family, seed=3)
-    out["exit_mismatch"] = _error_message(lambda: ckpt.load_checkpoint(root, other))
-    out["finetune_iteration"] = ckpt.load_checkpoint(root, other, finetune=True)
+    out["exit_mismatch"] = _error_message(lambda: other.load_checkpoint(root))
+    out["finetune_iteration"] = other.load_checkpoint(root, finetune=True)
     trained = _trainer(config, family, seed=3)
-    ckpt.load_checkpoint(root, trained)
+    trained.load_checkpoint(root)
     shared = {n: p for n, p in trained.model.module.named_parameters()}
     errors = [
         relative_error(p.detach(), shared[n].detach())
@@ -260,7 +261,7 @@ def _error_checks(root: Path, tmp: Path, family: str) -> dict:
     ]
     out["finetune_backbone_error"] = max(errors)
     distopt = _trainer(config, family, seed=3, distributed_optimizer=True)
-    out["optimizer_mismatch"] = _error_message(lambda: ckpt.load_checkpoint(root, distopt))
+    out["optimizer_mismatch"] = _error_message(lambda: distopt.load_checkpoint(root))
     return out
 
 
@@ -371,7 +372,6 @@ def _exit_head_shards(model) -> dict:
 def _reshard_checks(root: Path) -> dict:
     from megatron.early_exit import platform
     from megatron.early_exit.model.builder import reproducible_init_
-    from megatron.early_exit.training import checkpointing as ckpt
 
     out, family = {}, "gpt"
     batch = make_batch(seed=31)
@@ -381,22 +381,22 @@ def _reshard_checks(root: Path) -> dict:
     _train(trainer, 3)  # trained weights and optimizer state
     expected_tp2 = _logits(trainer.model.module, batch)
     out["tp2_shards"] = gather_dicts(_exit_head_shards(trainer.model.module))
-    ckpt.save_checkpoint(root / "tp2", trainer, model_args=MODEL_ARGS)
+    trainer.save_checkpoint(root / "tp2", model_args=MODEL_ARGS)
 
     platform.initialize(1, 2, seed=5)
     pp2 = _trainer(tiny_config(family, pipeline_model_parallel_size=2), family, seed=41)
     out["pp2_shards"] = gather_dicts(_exit_head_shards(pp2.model.module))
     expected_pp2 = _chained_logits(pp2.model.module, batch)
-    ckpt.save_checkpoint(root / "pp2", pp2, model_args=MODEL_ARGS)
-    ckpt.load_checkpoint(root / "tp2", pp2)  # TP=2 -> PP=2
+    pp2.save_checkpoint(root / "pp2", model_args=MODEL_ARGS)
+    pp2.load_checkpoint(root / "tp2")  # TP=2 -> PP=2
     out["tp2_to_pp2"] = _logits_error(_chained_logits(pp2.model.module, batch), expected_tp2)
 
     platform.initialize(1, 1, seed=5)
     tp1 = _trainer(tiny_config(family), family, seed=99)
     out["tp1_shards"] = gather_dicts(_exit_head_shards(tp1.model.module))
-    out["tp2_to_tp1_iteration"] = ckpt.load_checkpoint(root / "tp2", tp1)
+    out["tp2_to_tp1_iteration"] = tp1.load_checkpoint(root / "tp2")
     out["tp2_to_tp1"] = _logits_error(_logits(tp1.model.module, batch), expected_tp2)
-    ckpt.load_checkpoint(root / "pp2", tp1)  # PP=2 -> PP=1
+    tp1.load_checkpoint(root / "pp2")  # PP=2 -> PP=1
     out["pp2_to_pp1"] = _logits_error(_logits(tp1.model.module, batch), expected_pp2)
     reproducible_init_(tp1.model.module, seed=41)  # the PP=2 run's weights, built at PP=1
     out["pp2_reference"] = _logits_error(_logits(tp1.model.module, batch), expected_pp2)
@@ -444,8 +444,7 @@ def middle_worker(rank: int, world_size: int, tmp: str) -> dict:
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     from megatron.early_exit import platform
-    from megatron.early_exit.model.placement import tied_exit_stages
-    from megatron.early_exit.training import checkpointing as ckpt
+    from megatron.early_exit.placement import tied_exit_stages
 
     root, out, family = Path(tmp), {}, "gpt"
     batch = make_batch(seed=37)
@@ -458,15 +457,15 @@ def middle_worker(rank: int, world_size: int, tmp: str) -> dict:
         assert isinstance(entry, ShardedTensor)
         out["copy_entry"] = (entry.key, entry.replica_id)
     expected = _chained_logits(model, batch)
-    ckpt.save_checkpoint(root / "pp3", pp3, model_args=MODEL_ARGS)
+    pp3.save_checkpoint(root / "pp3", model_args=MODEL_ARGS)
     with torch.no_grad():
         model.shared_embedding_or_output_weight().zero_()  # the load must restore every copy
-    ckpt.load_checkpoint(root / "pp3", pp3)
+    pp3.load_checkpoint(root / "pp3")
     out["pp3_to_pp3"] = _logits_error(_chained_logits(model, batch), expected)
 
     platform.initialize(1, 1, seed=5)
     pp1 = _trainer(tiny_config(family, num_layers=6, exit_heads=PP3_EXITS), family, seed=52)
-    ckpt.load_checkpoint(root / "pp3", pp1)
+    pp1.load_checkpoint(root / "pp3")
     out["pp3_to_pp1"] = _logits_error(_logits(pp1.model.module, batch), expected)
     return out
 

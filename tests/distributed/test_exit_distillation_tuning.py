@@ -105,19 +105,19 @@ def tune_worker(rank: int, world_size: int, tmp: str) -> dict:
     from pathlib import Path
 
     from megatron.early_exit import platform
-    from megatron.early_exit.training import checkpointing as ckpt
+    from megatron.early_exit.checkpoint import store as ckpt
     from megatron.early_exit.training.loop import train_step
 
     base_dir, tuned_dir = Path(tmp) / "base", Path(tmp) / "tuned"
     out: dict = {}
     platform.initialize(2, 1, seed=5)
     pretrained = _trainer(_config(2, tune=False), seed=11, mode="train")
-    ckpt.save_checkpoint(base_dir, pretrained, model_args=MODEL_ARGS)
+    pretrained.save_checkpoint(base_dir, model_args=MODEL_ARGS)
     base = _full_parameters(pretrained)
 
     tuner = _trainer(_config(2, tune=True), seed=12, mode="tune")
     initial = _full_parameters(tuner)
-    out["finetune_iteration"] = ckpt.load_checkpoint(base_dir, tuner, finetune=True)
+    out["finetune_iteration"] = tuner.load_checkpoint(base_dir, finetune=True)
     loaded = _full_parameters(tuner)
     heads = [n for n in loaded if "confidence_head" in n]
     out["num_confidence_params"] = len(heads)
@@ -141,13 +141,13 @@ def tune_worker(rank: int, world_size: int, tmp: str) -> dict:
     out["heads_changed"] = all(not torch.equal(tuned[n], loaded[n]) for n in heads)
     out["contract"] = _confidence_contract(tuner)
 
-    ckpt.save_checkpoint(tuned_dir, tuner, model_args=MODEL_ARGS)
+    tuner.save_checkpoint(tuned_dir, model_args=MODEL_ARGS)
     out["recorded_sizes"] = [
         e["confidence_hidden_size"]
         for e in ckpt.read_checkpoint_info(tuned_dir).model_config["exit_heads"]
     ]
     reloaded = _trainer(_config(2, tune=True), seed=13, mode="tune")
-    ckpt.load_checkpoint(tuned_dir, reloaded)
+    reloaded.load_checkpoint(tuned_dir)
     again = _full_parameters(reloaded)
     out["tp2_round_trip"] = sorted(again) == sorted(tuned) and all(
         torch.equal(again[n], v) for n, v in tuned.items()
@@ -155,7 +155,7 @@ def tune_worker(rank: int, world_size: int, tmp: str) -> dict:
 
     platform.initialize(1, 1, seed=5)  # TP=1, DP=2
     resharded = _trainer(_config(1, tune=True), seed=14, mode="tune")
-    ckpt.load_checkpoint(tuned_dir, resharded)
+    resharded.load_checkpoint(tuned_dir)
     at_tp1 = _full_parameters(resharded)
     out["tp1_round_trip"] = sorted(at_tp1) == sorted(tuned) and all(
         torch.equal(at_tp1[n], v) for n, v in tuned.items()

@@ -75,12 +75,9 @@ def _inputs():
 
 def _load(ckpt: Path, tp: int, pp: int):
     from megatron.early_exit import platform
-    from megatron.early_exit.checkpoint.add_exits import (
-        build_model,
-        checkpoint_config,
-        make_trainer,
-    )
-    from megatron.early_exit.training.checkpointing import load_checkpoint, read_checkpoint_info
+    from megatron.early_exit.checkpoint.loading import build_model
+    from megatron.early_exit.checkpoint.record import checkpoint_config
+    from megatron.early_exit.checkpoint.store import load_checkpoint, read_checkpoint_info
 
     platform.initialize(tp, pp, seed=5)
     info = read_checkpoint_info(ckpt)
@@ -89,7 +86,7 @@ def _load(ckpt: Path, tp: int, pp: int):
         pipeline_dtype=torch.float32,
     )  # fmt: skip
     model = build_model(config, info.model, seed=99)  # other weights until the load
-    load_checkpoint(ckpt, make_trainer(model), load_optimizer=False)
+    load_checkpoint(ckpt, model)
     return model.eval()
 
 

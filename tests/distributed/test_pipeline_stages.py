@@ -30,7 +30,7 @@ def _config(pp: int):
 
 def _init(pp: int):
     from megatron.early_exit import platform
-    from megatron.early_exit.model.placement import tied_exit_stages
+    from megatron.early_exit.placement import tied_exit_stages
 
     platform.initialize(1, pp, seed=3, embedding_stages=tied_exit_stages(_config(pp)))
 

@@ -42,7 +42,7 @@ def _build(family, tp, pp, sp=False, **overrides):
 
     from megatron.early_exit import platform
     from megatron.early_exit.model.builder import build_early_exit_model, reproducible_init_
-    from megatron.early_exit.model.placement import tied_exit_stages
+    from megatron.early_exit.placement import tied_exit_stages
 
     config = tiny_config(
         family,
@@ -99,7 +99,7 @@ def _reference(family, batches, fills=(), num_stages=1, schedule=None, **overrid
     from megatron.core.distributed import finalize_model_grads
 
     from megatron.early_exit.model.losses import masked_mean
-    from megatron.early_exit.model.placement import exit_heads_on_stage, stage_layer_range
+    from megatron.early_exit.placement import exit_heads_on_stage, stage_layer_range
 
     pp_config = tiny_config(family, pipeline_model_parallel_size=num_stages, **overrides)
     stage_of = {e.depth: s for s in range(num_stages) for e in exit_heads_on_stage(pp_config, s)}
@@ -276,8 +276,8 @@ def _one_adam_step(family, tp, pp, batches, distributed_optimizer) -> dict:
 
 
 def pp4_worker(rank: int, world_size: int) -> dict:
-    from megatron.early_exit.model.placement import stages_with_exits
     from megatron.early_exit.pipeline.bubble_fill import FillConfig, build_fill_schedule
+    from megatron.early_exit.placement import stages_with_exits
 
     out = {}
     batches = _batches(NUM_MICROBATCHES)

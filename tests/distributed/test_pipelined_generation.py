@@ -23,7 +23,7 @@ def _build(family: str, tp: int, pp: int):
 
     from megatron.early_exit import platform
     from megatron.early_exit.model.builder import build_early_exit_model
-    from megatron.early_exit.model.placement import tied_exit_stages
+    from megatron.early_exit.placement import tied_exit_stages
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

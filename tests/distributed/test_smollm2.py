@@ -51,14 +51,14 @@ def smollm2_worker(rank: int, world_size: int, hf_dir: str, root: str) -> dict:
     from transformers import AutoTokenizer
 
     from megatron.early_exit import platform
-    from megatron.early_exit.checkpoint.add_exits import load_checkpoint_model
     from megatron.early_exit.checkpoint.convert import hf_to_megatron
+    from megatron.early_exit.checkpoint.loading import load_model
 
     platform.initialize(1, 1, seed=7)
     hf_path, ckpt = Path(hf_dir), Path(root) / "smollm2_ckpt"
     hf = _hf_reference(hf_path)
     hf_to_megatron(hf_path, ckpt)
-    _, config, model = load_checkpoint_model(ckpt)
+    _, config, model = load_model(ckpt)
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     out = {"layers": config.num_layers, "diffs": [], "scales": [], "top1_agree": []}
     with torch.no_grad():

@@ -92,13 +92,13 @@ def _tune(load: Path, name: str, iters: int, *extra: str) -> None:
 def _complete_model(load: Path) -> dict:
     """The complete model of a checkpoint as generation loads it (TP=1, PP=1), with its record."""
     from megatron.early_exit import platform
+    from megatron.early_exit.checkpoint import store as ckpt
+    from megatron.early_exit.checkpoint.record import config_from_checkpoint
     from megatron.early_exit.model.builder import build_early_exit_model
-    from megatron.early_exit.training import checkpointing as ckpt
-    from megatron.early_exit.training.loop import TrainingConfig, setup_trainer
 
     _fresh_port(load.parent)
     info = ckpt.read_checkpoint_info(load)
-    config = ckpt.config_from_checkpoint(info, include_final_loss=True)
+    config = config_from_checkpoint(info, include_final_loss=True)
     platform.initialize(1, 1, seed=1)
     model = build_early_exit_model(
         config,
@@ -107,7 +107,7 @@ def _complete_model(load: Path) -> dict:
         position_embedding_type=info.model["position_embedding_type"],
         seed=99,  # values no load replaces would show up as a mismatch
     )
-    ckpt.load_checkpoint(load, setup_trainer(model, TrainingConfig(1)), load_optimizer=False)
+    ckpt.load_checkpoint(load, model)
     # numpy: torch tensors would travel to the parent through shared memory of a finished rank
     state = {
         k: v.detach().numpy().copy() for k, v in model.state_dict().items() if torch.is_tensor(v)

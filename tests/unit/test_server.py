@@ -18,6 +18,8 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
+from megatron.early_exit.server import client as request_client
+from megatron.early_exit.server import interactive as text_generation_cli
 from megatron.early_exit.server.app import create_app
 from megatron.early_exit.server.protocol import (
     GenerationParams,
@@ -34,7 +36,6 @@ from megatron.early_exit.server.service import (
     stream_from_results,
 )
 from tests.distributed.harness import free_port
-from tools import request_client, text_generation_cli
 
 LIMITS = ServerLimits(max_prompts=4, max_prompt_tokens=64, max_tokens_to_generate=64)
 NUM_LAYERS = 8

@@ -10,39 +10,30 @@ tokenizer files the checkpoint records, and the exit heads as ``early_exits.safe
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+from megatron.early_exit.checkpoint.cli import run_checkpoint_tool
+from megatron.early_exit.checkpoint.convert import megatron_to_hf
 
-from megatron.early_exit.checkpoint.convert import megatron_to_hf, single_process  # noqa: E402
 
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--load-dir", required=True, help="EE-LLM checkpoint directory")
-    parser.add_argument("--save-dir", required=True, help="Hugging Face directory to write")
+def add_arguments(parser) -> None:
     parser.add_argument(
         "--dtype",
         choices=("float32", "bfloat16", "float16"),
         default=None,
         help="cast the weights (default: the checkpoint's dtype)",
     )
-    parser.add_argument("--seed", type=int, default=1234)
-    return parser.parse_args(argv)
+
+
+def convert(args):
+    return megatron_to_hf(args.load_dir, args.save_dir, dtype=args.dtype, seed=args.seed)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        with single_process(args.seed):
-            path = megatron_to_hf(args.load_dir, args.save_dir, dtype=args.dtype, seed=args.seed)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"saved {path}")
-    return 0
+    return run_checkpoint_tool(
+        __doc__, convert, argv=argv, add_arguments=add_arguments,
+        load_help="EE-LLM checkpoint directory", save_help="Hugging Face directory to write",
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -46,6 +46,9 @@ from megatron.early_exit.checkpoint.hf import (
     EXTRA_STATE_SUFFIX,
     load_megatron_state_dict,
 )
+from megatron.early_exit.checkpoint.loading import build_model, load_model
+from megatron.early_exit.checkpoint.record import checkpoint_config
+from megatron.early_exit.checkpoint.store import save_checkpoint
 from megatron.early_exit.config import EarlyExitTransformerConfig, ExitHeadConfig, make_exit_heads
 
 STRUCTURES_FROM_FLAGS = "block > mlp > norm > head"
@@ -195,56 +198,6 @@ def initial_exit_state(
 # ---------------------------------------------------------------------------------------------
 
 
-def checkpoint_config(info, **overrides) -> EarlyExitTransformerConfig:
-    """:func:`config_from_checkpoint` at TP=1/PP=1 unless ``overrides`` say otherwise. With
-    PP>1, activations travel between stages in the parameters' dtype unless ``pipeline_dtype``
-    is given."""
-    from megatron.early_exit.training.checkpointing import _DTYPES, config_from_checkpoint
-
-    fields = dict(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
-    fields.update(overrides)
-    if fields["pipeline_model_parallel_size"] > 1 and fields.get("pipeline_dtype") is None:
-        saved = info.model_config.get("pipeline_dtype") or info.model_config["params_dtype"]
-        fields["pipeline_dtype"] = _DTYPES[saved]
-    return config_from_checkpoint(info, **fields)
-
-
-def build_model(config: EarlyExitTransformerConfig, model_facts: Mapping, *, seed: int = 1234):
-    """A single-process model for ``config`` with the checkpoint's vocab/positions facts."""
-    from megatron.early_exit.model.builder import build_early_exit_model
-
-    kwargs = dict(
-        vocab_size=model_facts["vocab_size"],
-        max_sequence_length=model_facts["max_sequence_length"],
-        position_embedding_type=model_facts["position_embedding_type"],
-    )
-    if model_facts.get("rotary_base") is not None:
-        kwargs["rotary_base"] = model_facts["rotary_base"]
-    return build_early_exit_model(config, seed=seed, **kwargs)
-
-
-def make_trainer(model):
-    """A trainer around ``model`` for saving/loading only (no step is ever taken, so a saved
-    checkpoint holds no optimizer state)."""
-    from megatron.early_exit.training.loop import TrainingConfig, setup_trainer
-
-    return setup_trainer(model, TrainingConfig(train_iters=1))
-
-
-def load_checkpoint_model(load_dir: str | os.PathLike, *, seed: int = 1234):
-    """``(info, config, model)``: the newest checkpoint in ``load_dir`` loaded into a TP=1/PP=1
-    model in this process (dist_checkpointing reshards whatever layout it was saved with).
-    Needs an initialised single-process platform (``platform.initialize(1, 1)``)."""
-    from megatron.early_exit.training.checkpointing import load_checkpoint, read_checkpoint_info
-
-    info = read_checkpoint_info(load_dir)
-    config = checkpoint_config(info)
-    model = build_model(config, info.model, seed=seed)
-    load_checkpoint(load_dir, make_trainer(model), load_optimizer=False)
-    model.eval()
-    return info, config, model
-
-
 def add_exits_to_model(
     model,
     model_facts: Mapping,
@@ -315,9 +268,7 @@ def add_exits_to_checkpoint(
     structure flags), save to ``save_dir`` at iteration 0 with the same ``model_args`` and no
     optimizer state. Returns the published checkpoint directory. Needs an initialised
     single-process platform."""
-    from megatron.early_exit.training.checkpointing import save_checkpoint
-
-    info, config, model = load_checkpoint_model(load_dir, seed=seed)
+    info, config, model = load_model(load_dir, seed=seed)
     if new is None:
         new = new_exit_heads(
             layer_numbers,
@@ -333,17 +284,15 @@ def add_exits_to_checkpoint(
         overwrite=overwrite, random_init=random_init, zero_mlp_output=zero_mlp_output,
         temperature=temperature, init_method_std=init_method_std, seed=seed,
     )  # fmt: skip
-    return save_checkpoint(save_dir, make_trainer(new_model), model_args=info.model_args)
+    return save_checkpoint(save_dir, new_model, iteration=0, model_args=info.model_args)
 
 
 __all__ = [
     "add_exits_to_checkpoint",
     "add_exits_to_model",
-    "checkpoint_config",
     "copy_source",
     "exit_structure",
     "initial_exit_state",
-    "load_checkpoint_model",
     "merge_exit_heads",
     "new_exit_heads",
 ]

@@ -27,12 +27,7 @@ from typing import Any
 
 import torch
 
-from megatron.early_exit.checkpoint.add_exits import (
-    add_exits_to_model,
-    build_model,
-    load_checkpoint_model,
-    make_trainer,
-)
+from megatron.early_exit.checkpoint.add_exits import add_exits_to_model
 from megatron.early_exit.checkpoint.hf import (
     SUPPORTED_ARCHITECTURES,
     config_from_hf,
@@ -40,6 +35,9 @@ from megatron.early_exit.checkpoint.hf import (
     load_megatron_state_dict,
     megatron_to_hf_state_dict,
 )
+from megatron.early_exit.checkpoint.loading import build_model, load_model
+from megatron.early_exit.checkpoint.record import DTYPES
+from megatron.early_exit.checkpoint.store import save_checkpoint
 from megatron.early_exit.config import EarlyExitTransformerConfig, ExitHeadConfig
 
 EXITS_JSON = "early_exits.json"
@@ -480,8 +478,6 @@ def hf_to_megatron(
     ``load_dir`` has tokenizer files, else None), ``seq_length`` (default: the model's maximum
     positions) and ``hf_conversion`` (the HF config and the target layout).
     """
-    from megatron.early_exit.training.checkpointing import save_checkpoint
-
     hf_config, _, model, model_kwargs = hf_to_model(
         load_dir, target_tensor_parallel_size=target_tensor_parallel_size,
         target_pipeline_parallel_size=target_pipeline_parallel_size, new_exits=new_exits,
@@ -507,15 +503,12 @@ def hf_to_megatron(
             "target_pipeline_parallel_size": target_pipeline_parallel_size,
         },
     }
-    return save_checkpoint(save_root, make_trainer(model), model_args=model_args)
+    return save_checkpoint(save_root, model, iteration=0, model_args=model_args)
 
 
 # ---------------------------------------------------------------------------------------------
 # EE-LLM -> HF
 # ---------------------------------------------------------------------------------------------
-
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def megatron_to_hf(
@@ -531,13 +524,13 @@ def megatron_to_hf(
     ``early_exits.safetensors`` + ``early_exits.json``. Returns ``save_dir``."""
     from safetensors.torch import save_file
 
-    info, config, model = load_checkpoint_model(load_dir, seed=seed)
+    info, config, model = load_model(load_dir, seed=seed)
     base = (info.model_args.get("hf_conversion") or {}).get("hf_config")
     hf_config = hf_config_from_megatron(info.model_config, info.model, base)
     hf_sd, exits = megatron_to_hf_state_dict(model.state_dict(), hf_config)
     if hf_config.tie_word_embeddings:
         hf_sd.pop("lm_head.weight", None)  # the embedding; HF re-ties it on load
-    cast = _DTYPES[dtype] if dtype else None
+    cast = DTYPES[dtype] if dtype else None
     root = Path(save_dir)
     root.mkdir(parents=True, exist_ok=True)
     weights = {k: _standalone(v if cast is None else v.to(cast)) for k, v in hf_sd.items()}

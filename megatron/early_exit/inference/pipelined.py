@@ -45,8 +45,8 @@ from megatron.early_exit.inference.decide import ExitPolicy
 from megatron.early_exit.inference.engine import Engine, ExitView
 from megatron.early_exit.inference.kv_cache import KVCache
 from megatron.early_exit.inference.policies import DecodeState, Emitted, decide_rows
-from megatron.early_exit.model.placement import exit_heads_on_stage
 from megatron.early_exit.pipeline.comm import StageCommunicator
+from megatron.early_exit.placement import exit_heads_on_stage
 
 STEP, DONE = 1, 0
 _MAX_PENDING_SENDS = 16

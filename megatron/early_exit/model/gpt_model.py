@@ -60,7 +60,7 @@ from megatron.early_exit.model.losses import (
     vocab_parallel_kl_divergence,
     vocab_parallel_max_prob,
 )
-from megatron.early_exit.model.placement import exit_heads_on_stage
+from megatron.early_exit.placement import exit_heads_on_stage
 
 
 @dataclass

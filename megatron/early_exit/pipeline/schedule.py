@@ -13,11 +13,11 @@ from megatron.core import parallel_state
 
 from megatron.early_exit import platform
 from megatron.early_exit.config import EarlyExitTransformerConfig
-from megatron.early_exit.model.placement import stages_with_exits
 from megatron.early_exit.pipeline.bubble_fill import FillConfig
 from megatron.early_exit.pipeline.comm import StageCommunicator
 from megatron.early_exit.pipeline.executor import ExecutionOptions, StageExecutor
 from megatron.early_exit.pipeline.plan import build_plan
+from megatron.early_exit.placement import stages_with_exits
 
 
 def activation_shape(config: EarlyExitTransformerConfig, batch: dict) -> tuple[int, int, int]:

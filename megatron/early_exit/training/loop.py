@@ -11,9 +11,11 @@ early-exit pipeline schedule (``pipeline/schedule.py``).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from megatron.core.distributed import (
@@ -25,6 +27,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
+from megatron.early_exit.checkpoint import store
 from megatron.early_exit.config import EarlyExitTransformerConfig
 from megatron.early_exit.model.gpt_model import EarlyExitGPTModel
 from megatron.early_exit.model.losses import exit_loss_weights
@@ -82,6 +85,22 @@ class Trainer:
     mode: str = "train"  # "tune" for EE-Tuning (frozen backbone)
     fill: FillConfig | None = None
     defer_exits: bool = True
+
+    def save_checkpoint(self, save_dir: str | os.PathLike, **kwargs) -> Path:
+        """Save model, optimizer, scheduler and iteration; ``kwargs`` as
+        :func:`megatron.early_exit.checkpoint.store.save_checkpoint` takes them."""
+        return store.save_checkpoint(
+            save_dir, self.model, self.optimizer, self.scheduler, iteration=self.iteration, **kwargs
+        )
+
+    def load_checkpoint(self, load_dir: str | os.PathLike, **kwargs) -> int:
+        """Load into model, optimizer and scheduler and continue from the checkpoint's iteration
+        (0 with ``finetune``); returns it. ``kwargs`` as
+        :func:`megatron.early_exit.checkpoint.store.load_checkpoint` takes them."""
+        self.iteration = store.load_checkpoint(
+            load_dir, self.model, self.optimizer, self.scheduler, **kwargs
+        )
+        return self.iteration
 
 
 def freeze_backbone(model: EarlyExitGPTModel) -> list[str]:

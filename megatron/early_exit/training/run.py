@@ -19,22 +19,18 @@ import torch
 from megatron.core import parallel_state
 
 from megatron.early_exit import platform
+from megatron.early_exit.checkpoint.record import config_from_checkpoint
+from megatron.early_exit.checkpoint.sharded import PartialBackbone
+from megatron.early_exit.checkpoint.store import read_checkpoint_info
 from megatron.early_exit.data.datasets import build_gpt_datasets
 from megatron.early_exit.data.default_corpus import default_training_data
 from megatron.early_exit.data.tokenizers import build_tokenizer
 from megatron.early_exit.model.builder import build_early_exit_model
 from megatron.early_exit.model.gpt_model import EarlyExitGPTModel
-from megatron.early_exit.model.placement import stages_with_exits, tied_exit_stages
 from megatron.early_exit.pipeline.bubble_fill import build_fill_schedule
+from megatron.early_exit.placement import stages_with_exits, tied_exit_stages
 from megatron.early_exit.training import arguments
 from megatron.early_exit.training.batches import causal_mask
-from megatron.early_exit.training.checkpointing import (
-    PartialBackbone,
-    config_from_checkpoint,
-    load_checkpoint,
-    read_checkpoint_info,
-    save_checkpoint,
-)
 from megatron.early_exit.training.logging import RunLogger
 from megatron.early_exit.training.loop import Trainer, evaluate, setup_trainer, train_step
 
@@ -180,9 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
         distributed_optimizer=settings.use_distributed_optimizer,
     )
     if args.load:
-        trainer.iteration = load_checkpoint(
-            args.load, trainer, finetune=args.finetune, partial=partial
-        )
+        trainer.load_checkpoint(args.load, finetune=args.finetune, partial=partial)
     logger = RunLogger(
         args, config, tokens_per_iteration=data.samples_per_iteration * args.seq_length
     )
@@ -216,9 +210,8 @@ def _train_loop(args, trainer: Trainer, data: DataSource, logger, tokenizer_info
 
 def _save(args, trainer, data: DataSource, tokenizer_info: dict, partial) -> None:
     consumed = trainer.iteration * data.samples_per_iteration
-    save_checkpoint(
+    trainer.save_checkpoint(
         args.save,
-        trainer,
         data_state={"consumed_samples": consumed},
         model_args={"tokenizer": tokenizer_info, "seq_length": args.seq_length},
         partial=partial,

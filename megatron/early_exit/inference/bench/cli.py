@@ -171,7 +171,7 @@ def load_model(load: str, tensor_parallel_size: int, pipeline_parallel_size: int
         make_trainer,
     )
     from megatron.early_exit.data.tokenizers import checkpoint_tokenizer
-    from megatron.early_exit.model.placement import tied_exit_stages
+    from megatron.early_exit.placement import tied_exit_stages
     from megatron.early_exit.training.checkpointing import load_checkpoint, read_checkpoint_info
 
     info = read_checkpoint_info(load)

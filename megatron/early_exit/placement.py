@@ -2,15 +2,19 @@
 
 An exit belongs to the stage that builds its ``layer_number`` (the layer whose output, or for a
 pre-exit whose input, it reads). Layer ranges come from megatron-core's own split functions, so
-uneven splits configured in the TransformerConfig are honoured.
+uneven splits configured in the TransformerConfig are honoured. It sits beside ``config.py``,
+which uses it to validate configs, and imports nothing of ours at run time.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-from megatron.early_exit.config import EarlyExitTransformerConfig, ExitHeadConfig
+if TYPE_CHECKING:  # the config imports this module; it needs only the config's attributes
+    from megatron.early_exit.config import EarlyExitTransformerConfig, ExitHeadConfig
 
 
 def stage_layer_range(
