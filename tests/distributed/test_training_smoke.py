@@ -23,7 +23,7 @@ def smoke_worker(rank: int, world_size: int) -> dict:
     from megatron.early_exit.config import EarlyExitTransformerConfig, make_exit_heads
     from megatron.early_exit.model.builder import build_early_exit_model
     from megatron.early_exit.training.batches import random_window_batches
-    from megatron.early_exit.training.loop import TrainingConfig, setup_trainer, train
+    from megatron.early_exit.training.loop import TrainingConfig, setup_trainer, train_step
 
     platform.initialize(1, 1, seed=5)
     config = EarlyExitTransformerConfig(
@@ -37,7 +37,8 @@ def smoke_worker(rank: int, world_size: int) -> dict:
     tokens = torch.tensor(list(SAMPLE.read_bytes()), dtype=torch.long)
     batches = random_window_batches(tokens, 64, micro_batch_size=4, num_microbatches=2, seed=5)
     trainer = setup_trainer(model, TrainingConfig(train_iters=STEPS, lr=3e-3, min_lr=3e-4))
-    history = train(trainer, batches)
+    trainer.model.train()
+    history = [train_step(trainer, next(batches)) for _ in range(STEPS)]
     return {
         "lm": [m.lm_loss for m in history],
         "exits": {d: [m.exit_losses[d] for m in history] for d in history[0].exit_losses},

@@ -47,12 +47,12 @@ class Recorder:
 def _direct_phase(generator, group) -> dict:
     """Rank 0 calls the broadcasting wrapper directly; returns what it produced."""
     from megatron.early_exit.inference.decide import ExitPolicy
-    from megatron.early_exit.server.protocol import GenerationParams
+    from megatron.early_exit.server.protocol import GenerationRequest
     from megatron.early_exit.server.worker_loop import BroadcastingGenerator
 
     broadcasting = BroadcastingGenerator(generator, group)
-    first = GenerationParams(prompts=("abc", "de"), max_new_tokens=5, random_seed=1)
-    second = GenerationParams(
+    first = GenerationRequest(prompts=("abc", "de"), max_new_tokens=5, random_seed=1)
+    second = GenerationRequest(
         prompts=("xyz",),
         max_new_tokens=7,
         stop_strings=("y",),
@@ -60,7 +60,7 @@ def _direct_phase(generator, group) -> dict:
     )
     texts = [result.text for result in broadcasting.generate(first)]
     streamed = list(broadcasting.stream(second))
-    broadcasting.generate(GenerationParams(prompts=("q",), max_new_tokens=0))
+    broadcasting.generate(GenerationRequest(prompts=("q",), max_new_tokens=0))
     broadcasting.stop()
     broadcasting.stop()  # idempotent: no second STOP reaches the workers
     return {"texts": texts, "num_streamed": len(streamed)}

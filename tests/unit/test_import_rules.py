@@ -21,6 +21,8 @@ RULES = [
      "the config is the root every room imports"),
     ("placement.py", ("model", "pipeline", "training", "inference", "server"),
      "placement sits beside the config"),
+    ("exit_flags.py", ("model", "pipeline", "training", "inference", "server", "checkpoint"),
+     "every entry point parses the exit flags through it"),
     ("inference", ("training", "server", "bench", "data"),
      "the inference library serves the server and the benchmarks, not the other way"),
     ("model", ("pipeline", "training", "inference", "server", "checkpoint", "bench"),

@@ -1,4 +1,4 @@
-"""Server protocol: request validation, limits, error bodies, mapping onto GenerationParams."""
+"""Server protocol: request validation, limits, error bodies, mapping onto GenerationRequest."""
 
 import dataclasses
 import json
@@ -14,7 +14,7 @@ from megatron.early_exit.server.protocol import (
     CompletionResponse,
     CompletionUsage,
     GenerateResponse,
-    GenerationParams,
+    GenerationRequest,
     RequestError,
     ServerLimits,
     check_prompt_tokens,
@@ -40,7 +40,7 @@ def _completion_error(body, limits=None) -> dict:
     return error_body(caught.value)["error"]
 
 
-def _generate_params(**fields) -> GenerationParams:
+def _generate_params(**fields) -> GenerationRequest:
     return params_from_generate(parse_generate_request({"prompts": "hi", **fields}))
 
 
@@ -180,7 +180,7 @@ def test_generate_mapping_and_json_body():
         }
     )
     params = params_from_generate(parse_generate_request(body.encode()))
-    assert params == GenerationParams(
+    assert params == GenerationRequest(
         prompts=("a", "b"),
         max_new_tokens=5,
         add_bos=True,
@@ -208,7 +208,7 @@ def test_generate_response_fields():
 def test_completion_defaults_and_mapping():
     request = parse_completion_request({"prompt": "Hello"})
     params = params_from_completion(request)
-    assert params == GenerationParams(
+    assert params == GenerationRequest(
         prompts=("Hello",), max_new_tokens=16, temperature=1.0, top_p=1.0, random_seed=None
     )
     assert params.early_exit is None
@@ -315,10 +315,10 @@ def test_server_limits_and_params_validation():
     with pytest.raises(ValueError, match="max_prompts"):
         ServerLimits(max_prompts=0)
     with pytest.raises(ValueError, match="prompts"):
-        GenerationParams(prompts=(), max_new_tokens=1)
+        GenerationRequest(prompts=(), max_new_tokens=1)
     with pytest.raises(ValueError, match="max_new_tokens"):
-        GenerationParams(prompts=("a",), max_new_tokens=-1)
+        GenerationRequest(prompts=("a",), max_new_tokens=-1)
     with pytest.raises(ValueError, match="decoding_method"):
-        GenerationParams(prompts=("a",), max_new_tokens=1, decoding_method="beam")
+        GenerationRequest(prompts=("a",), max_new_tokens=1, decoding_method="beam")
     with pytest.raises(dataclasses.FrozenInstanceError):
-        GenerationParams(prompts=("a",), max_new_tokens=1).max_new_tokens = 2
+        GenerationRequest(prompts=("a",), max_new_tokens=1).max_new_tokens = 2

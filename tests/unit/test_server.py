@@ -22,14 +22,14 @@ from megatron.early_exit.server import client as request_client
 from megatron.early_exit.server import interactive as text_generation_cli
 from megatron.early_exit.server.app import create_app
 from megatron.early_exit.server.protocol import (
-    GenerationParams,
+    GenerationRequest,
     ServerLimits,
     parse_completion_request,
 )
 from megatron.early_exit.server.service import (
     FakeGenerator,
-    GenerationResult,
     GenerationService,
+    PromptCompletion,
     TokenEvent,
     results_from_stream,
     stop_holdback,
@@ -356,7 +356,7 @@ def test_service_rejects_results_out_of_order():
 
     service = GenerationService(Shuffled(), LIMITS)
     with pytest.raises(RuntimeError, match="order"):
-        service.run(GenerationParams(prompts=("a", "b"), max_new_tokens=2))
+        service.run(GenerationRequest(prompts=("a", "b"), max_new_tokens=2))
     service.close()
 
 
@@ -371,7 +371,7 @@ class GenerateOnly(FakeGenerator):
 
 
 def test_generate_only_engine_streams_the_same_chunks():
-    params = GenerationParams(
+    params = GenerationRequest(
         prompts=("abc", "hello"), max_new_tokens=9, stop_strings=("ll",), return_logprobs=True
     )
     fake, replaying = FakeGenerator(), GenerateOnly()
@@ -390,10 +390,10 @@ def test_generate_only_engine_streams_the_same_chunks():
 
 def test_fake_generator_stream_contract():
     fake = FakeGenerator()
-    params = GenerationParams(prompts=("ab", "c"), max_new_tokens=5, stop_strings=("a]",))
+    params = GenerationRequest(prompts=("ab", "c"), max_new_tokens=5, stop_strings=("a]",))
     items = list(fake.stream(params))
     events = [item for item in items if isinstance(item, TokenEvent)]
-    results = {item.index: item for item in items if isinstance(item, GenerationResult)}
+    results = {item.index: item for item in items if isinstance(item, PromptCompletion)}
     assert results[0].text == " [b" and results[0].finish_reason == "stop"
     assert results[1].text == " [c] " and results[1].finish_reason == "length"
     for index, result in results.items():
@@ -449,7 +449,7 @@ def test_concurrent_clients_are_served_one_at_a_time(live_server):
     url, service, fake = live_server
     # Control: the overlap detector sees overlap when the generator is called concurrently.
     control = FakeGenerator(delay_s=0.004)
-    params = GenerationParams(prompts=("x",), max_new_tokens=8)
+    params = GenerationRequest(prompts=("x",), max_new_tokens=8)
     threads = [threading.Thread(target=control.generate, args=(params,)) for _ in range(4)]
     for thread in threads:
         thread.start()

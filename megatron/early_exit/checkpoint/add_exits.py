@@ -51,15 +51,6 @@ from megatron.early_exit.checkpoint.record import checkpoint_config
 from megatron.early_exit.checkpoint.store import save_checkpoint
 from megatron.early_exit.config import EarlyExitTransformerConfig, ExitHeadConfig, make_exit_heads
 
-STRUCTURES_FROM_FLAGS = "block > mlp > norm > head"
-
-
-def exit_structure(*, norm: bool = False, mlp: bool = False, block: bool = False) -> str:
-    """The structure EE-LLM's ``--use-exit-norm/--use-exit-mlp/--use-exit-block`` describe."""
-    if mlp and block:
-        raise ValueError("--use-exit-mlp and --use-exit-block are mutually exclusive")
-    return "block" if block else "mlp" if mlp else "norm" if norm else "head"
-
 
 def new_exit_heads(
     layer_numbers: Sequence[int],
@@ -291,7 +282,6 @@ __all__ = [
     "add_exits_to_checkpoint",
     "add_exits_to_model",
     "copy_source",
-    "exit_structure",
     "initial_exit_state",
     "merge_exit_heads",
     "new_exit_heads",

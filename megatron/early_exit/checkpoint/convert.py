@@ -39,6 +39,11 @@ from megatron.early_exit.checkpoint.loading import build_model, load_model
 from megatron.early_exit.checkpoint.record import DTYPES
 from megatron.early_exit.checkpoint.store import save_checkpoint
 from megatron.early_exit.config import EarlyExitTransformerConfig, ExitHeadConfig
+from megatron.early_exit.exit_flags import (
+    add_exit_structure_flags,
+    exit_structure,
+    structure_flag_problems,
+)
 
 EXITS_JSON = "early_exits.json"
 EXITS_SAFETENSORS = "early_exits.safetensors"
@@ -573,21 +578,8 @@ def single_process(seed: int = 1234):
 def add_exit_arguments(parser, *, overwrite: bool = True) -> None:
     """EE-LLM's exit flags plus the initialisation flags of the checkpoint tools."""
     group = parser.add_argument_group("exits")
+    add_exit_structure_flags(group)
     add = group.add_argument
-    add("--exit-layer-nums", type=int, nargs="+", default=[], help="1-based layers with an exit")
-    add("--pre-exit", action="store_true", help="exits read their layer's input")
-    add("--use-exit-norm", action="store_true", help="exits start with a norm")
-    add("--use-exit-mlp", action="store_true", help="mlp exits (needs --use-exit-norm)")
-    add(
-        "--use-exit-block",
-        action="store_true",
-        help="transformer-layer exits (needs --use-exit-norm)",
-    )
-    add(
-        "--untie-exit-output-weights",
-        action="store_true",
-        help="exits own an output layer (implied for models with untied embeddings)",
-    )
     add(
         "--random-init",
         action="store_true",
@@ -620,13 +612,8 @@ def add_exit_arguments(parser, *, overwrite: bool = True) -> None:
 
 def new_exits_from_args(args) -> NewExits:
     """:class:`NewExits` from :func:`add_exit_arguments`' flags; ConversionError lists misuse."""
-    from megatron.early_exit.checkpoint.add_exits import exit_structure
-
     problems = []
     flags = {
-        "--pre-exit": args.pre_exit, "--use-exit-norm": args.use_exit_norm,
-        "--use-exit-mlp": args.use_exit_mlp, "--use-exit-block": args.use_exit_block,
-        "--untie-exit-output-weights": args.untie_exit_output_weights,
         "--random-init": args.random_init, "--init-method-std": args.init_method_std is not None,
         "--exit-mlp-zero-init": args.exit_mlp_zero_init,
         "--exit-temperature-init": args.exit_temperature_init != 1.0,
@@ -636,10 +623,7 @@ def new_exits_from_args(args) -> NewExits:
         used = [flag for flag, on in flags.items() if on]
         if used:
             problems.append(f"{', '.join(used)} given without --exit-layer-nums")
-    if args.use_exit_mlp and args.use_exit_block:
-        problems.append("--use-exit-mlp and --use-exit-block are mutually exclusive")
-    if (args.use_exit_mlp or args.use_exit_block) and not args.use_exit_norm:
-        problems.append("--use-exit-mlp/--use-exit-block need --use-exit-norm")
+    problems += structure_flag_problems(args)
     if args.exit_mlp_zero_init and not args.use_exit_mlp:
         problems.append("--exit-mlp-zero-init applies to --use-exit-mlp exits")
     if args.exit_mlp_zero_init and args.random_init:
@@ -651,9 +635,7 @@ def new_exits_from_args(args) -> NewExits:
     _raise("exit flags", problems)
     return NewExits(
         layer_numbers=tuple(args.exit_layer_nums),
-        structure=exit_structure(
-            norm=args.use_exit_norm, mlp=args.use_exit_mlp, block=args.use_exit_block
-        ),
+        structure=exit_structure(args),
         pre_exit=args.pre_exit,
         untied=args.untie_exit_output_weights,
         random_init=args.random_init,

@@ -4,9 +4,9 @@ With PP=1 the methods are KV recomputation (``auto``) and self-speculation; with
 early-exit method is pipelined decoding (``auto``), and ``recompute``/``speculative`` are refused
 by the service as unavailable on this server.
 
-Maps the transport-independent ``protocol.GenerationParams`` onto the engine's own
+Maps the transport-independent ``protocol.GenerationRequest`` onto the engine's own
 ``inference.generate.GenerationParams`` and its per-prompt results back onto the service's
-``GenerationResult`` (text cut at stop strings/EOS, per-token text pieces and exit layers).
+``PromptCompletion`` (text cut at stop strings/EOS, per-token text pieces and exit layers).
 Exit layers are reported as depths (the number of layers below the head), the final head as
 ``num_layers``.
 """
@@ -16,11 +16,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from megatron.early_exit.inference.decide import CONFIDENCE_MEASURES, LOGIT_MEASURES, ExitPolicy
-from megatron.early_exit.inference.generate import GenerationParams as EngineParams
-from megatron.early_exit.inference.generate import generate
+from megatron.early_exit.inference.generate import GenerationParams, generate
 from megatron.early_exit.model.builder import unwrap_model
-from megatron.early_exit.server.protocol import GenerationParams
-from megatron.early_exit.server.service import GenerationResult, StreamItem, stream_from_results
+from megatron.early_exit.server.protocol import GenerationRequest
+from megatron.early_exit.server.service import PromptCompletion, StreamItem, stream_from_results
 
 
 class EngineGenerator:
@@ -62,14 +61,14 @@ class EngineGenerator:
     def max_sequence_length(self) -> int | None:
         return self._max_sequence_length
 
-    def generate(self, params: GenerationParams) -> list[GenerationResult]:
+    def generate(self, params: GenerationRequest) -> list[PromptCompletion]:
         prompts = [self._prompt_ids(text, params.add_bos) for text in params.prompts]
         if params.max_new_tokens == 0:
-            return [GenerationResult(i, "", (), (), ()) for i in range(len(prompts))]
+            return [PromptCompletion(i, "", (), (), ()) for i in range(len(prompts))]
         results = generate(self.model, prompts, self._engine_params(params))
         return [self._result(i, r, params) for i, r in enumerate(results)]
 
-    def stream(self, params: GenerationParams) -> Iterator[StreamItem]:
+    def stream(self, params: GenerationRequest) -> Iterator[StreamItem]:
         yield from stream_from_results(self.generate(params))
 
     def _prompt_ids(self, text: str, add_bos: bool) -> list[int]:
@@ -79,11 +78,11 @@ class EngineGenerator:
             ids = [bos if bos is not None else self._tokenizer.eod, *ids]
         return ids or [self._tokenizer.eod]  # the engine needs at least one prompt token
 
-    def _engine_params(self, params: GenerationParams) -> EngineParams:
+    def _engine_params(self, params: GenerationRequest) -> GenerationParams:
         method = params.decoding_method
         if method == "auto":
             method = "pipelined" if self._pipelined else "recompute"
-        return EngineParams(
+        return GenerationParams(
             max_new_tokens=params.max_new_tokens,
             temperature=params.temperature,
             top_k=params.top_k,
@@ -98,14 +97,14 @@ class EngineGenerator:
             seed=params.random_seed if params.random_seed is not None else 1234,
         )
 
-    def _result(self, index: int, result, params: GenerationParams) -> GenerationResult:
+    def _result(self, index: int, result, params: GenerationRequest) -> PromptCompletion:
         pieces, previous = [], ""
         for count in range(1, len(result.tokens) + 1):
             text = self._tokenizer.detokenize(result.tokens[:count])
             pieces.append(text[len(previous) :])
             previous = text
         text = result.text if result.text is not None else previous
-        return GenerationResult(
+        return PromptCompletion(
             index=index,
             text=text,
             token_ids=tuple(result.tokens),

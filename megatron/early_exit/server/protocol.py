@@ -3,7 +3,7 @@
 Two transports share one service: the Megatron/EE-LLM style ``PUT /api`` (``GenerateRequest``,
 ``GenerateResponse``) and the OpenAI style ``POST /v1/completions`` (``CompletionRequest``,
 ``CompletionResponse``, ``CompletionChunk`` for server-sent events). Both requests map onto the
-frozen ``GenerationParams`` (``params_from_generate``, ``params_from_completion``), the only type
+frozen ``GenerationRequest`` (``params_from_generate``, ``params_from_completion``), the only type
 the service layer sees.
 
 Validation is strict (JSON types are not coerced: ``"true"`` or ``1`` is not a boolean, ``"64"``
@@ -310,7 +310,7 @@ class CompletionChunk(BaseModel):
 
 
 @dataclass(frozen=True)
-class GenerationParams:
+class GenerationRequest:
     """Transport-independent generation settings: what the service layer consumes."""
 
     prompts: tuple[str, ...]
@@ -338,15 +338,15 @@ class GenerationParams:
 
     def __post_init__(self) -> None:
         if not self.prompts:
-            raise ValueError("GenerationParams.prompts must not be empty")
+            raise ValueError("GenerationRequest.prompts must not be empty")
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if self.decoding_method not in DECODING_METHODS:
             raise ValueError(f"decoding_method must be one of {DECODING_METHODS}")
 
 
-def params_from_generate(request: GenerateRequest) -> GenerationParams:
-    """Map a ``PUT /api`` request onto ``GenerationParams``."""
+def params_from_generate(request: GenerateRequest) -> GenerationRequest:
+    """Map a ``PUT /api`` request onto ``GenerationRequest``."""
     policy = None
     if request.use_early_exit:
         policy = ExitPolicy(
@@ -354,7 +354,7 @@ def params_from_generate(request: GenerateRequest) -> GenerationParams:
             measure=request.early_exit_measure,
             exit_layers=request.exit_layers,
         )
-    return GenerationParams(
+    return GenerationRequest(
         prompts=tuple(request.prompts),
         max_new_tokens=request.tokens_to_generate,
         temperature=request.temperature,
@@ -372,15 +372,15 @@ def params_from_generate(request: GenerateRequest) -> GenerationParams:
     )
 
 
-def params_from_completion(request: CompletionRequest) -> GenerationParams:
-    """Map a ``POST /v1/completions`` request onto ``GenerationParams``."""
+def params_from_completion(request: CompletionRequest) -> GenerationRequest:
+    """Map a ``POST /v1/completions`` request onto ``GenerationRequest``."""
     options = request.early_exit
     policy = None
     if options is not None and options.enabled:
         policy = ExitPolicy(
             threshold=options.threshold, measure=options.measure, exit_layers=options.exit_layers
         )
-    return GenerationParams(
+    return GenerationRequest(
         prompts=tuple(request.prompt),
         max_new_tokens=request.max_tokens,
         temperature=request.temperature,

@@ -7,8 +7,8 @@ dedicated thread, in arrival order, so a multi-rank generator never interleaves 
 The request time reported to the client includes the time spent waiting for that thread.
 
 A ``TextGenerator`` is anything with a tokenizer, the model's layer numbers and two methods:
-``generate(params)`` returning one ``GenerationResult`` per prompt, and ``stream(params)``
-yielding a ``TokenEvent`` per kept generated token and a ``GenerationResult`` per prompt once
+``generate(params)`` returning one ``PromptCompletion`` per prompt, and ``stream(params)``
+yielding a ``TokenEvent`` per kept generated token and a ``PromptCompletion`` per prompt once
 that prompt is finished. ``FakeGenerator`` is a deterministic one for tests and demos.
 """
 
@@ -40,7 +40,7 @@ from megatron.early_exit.server.protocol import (
     CompletionUsage,
     GenerateRequest,
     GenerateResponse,
-    GenerationParams,
+    GenerationRequest,
     RequestError,
     ServerLimits,
     check_prompt_tokens,
@@ -69,7 +69,7 @@ class TokenEvent:
     """One kept generated token of one prompt, as the generator streams it."""
 
     index: int
-    """Position of the prompt in ``GenerationParams.prompts``."""
+    """Position of the prompt in ``GenerationRequest.prompts``."""
     token_id: int
     text: str
     """The token's text: the growth of the detokenized generated text (before stop truncation)."""
@@ -81,11 +81,11 @@ class TokenEvent:
 
 
 @dataclass(frozen=True)
-class GenerationResult:
+class PromptCompletion:
     """The finished generation of one prompt (prompt excluded)."""
 
     index: int
-    """Position of the prompt in ``GenerationParams.prompts``."""
+    """Position of the prompt in ``GenerationRequest.prompts``."""
     text: str
     """Generated text, cut before a stop string or EOS."""
     token_ids: tuple[int, ...]
@@ -101,7 +101,7 @@ class GenerationResult:
     finish_reason: EngineFinishReason = "length"
 
 
-StreamItem = TokenEvent | GenerationResult
+StreamItem = TokenEvent | PromptCompletion
 
 
 class TextGenerator(Protocol):
@@ -127,19 +127,19 @@ class TextGenerator(Protocol):
 
     @property
     def decoding_methods(self) -> tuple[str, ...]:
-        """Values of ``GenerationParams.decoding_method`` it accepts (``"auto"`` among them)."""
+        """Values of ``GenerationRequest.decoding_method`` it accepts (``"auto"`` among them)."""
         ...
 
-    def generate(self, params: GenerationParams) -> list[GenerationResult]:
+    def generate(self, params: GenerationRequest) -> list[PromptCompletion]:
         """Generate for every prompt; one result per prompt, in prompt order."""
         ...
 
-    def stream(self, params: GenerationParams) -> Iterator[StreamItem]:
-        """Yield a ``TokenEvent`` per kept token and a ``GenerationResult`` per finished prompt."""
+    def stream(self, params: GenerationRequest) -> Iterator[StreamItem]:
+        """Yield a ``TokenEvent`` per kept token and a ``PromptCompletion`` per finished prompt."""
         ...
 
 
-def stream_from_results(results: Iterable[GenerationResult]) -> Iterator[StreamItem]:
+def stream_from_results(results: Iterable[PromptCompletion]) -> Iterator[StreamItem]:
     """Events of finished results (for generators that cannot stream: tokens arrive at the end)."""
     for result in results:
         for position, (token_id, piece, layer) in enumerate(
@@ -156,11 +156,11 @@ def stream_from_results(results: Iterable[GenerationResult]) -> Iterator[StreamI
         yield result
 
 
-def results_from_stream(items: Iterable[StreamItem], num_prompts: int) -> list[GenerationResult]:
+def results_from_stream(items: Iterable[StreamItem], num_prompts: int) -> list[PromptCompletion]:
     """The results of a ``stream``, in prompt order (for generators that implement only it)."""
-    results: dict[int, GenerationResult] = {}
+    results: dict[int, PromptCompletion] = {}
     for item in items:
-        if isinstance(item, GenerationResult):
+        if isinstance(item, PromptCompletion):
             results[item.index] = item
     if sorted(results) != list(range(num_prompts)):
         raise RuntimeError(f"generator returned results for {sorted(results)}, not all prompts")
@@ -196,7 +196,7 @@ COMPLETION_FIELDS = RequestFields(
 class PreparedRequest:
     """A validated request: parameters (seed chosen) and each prompt's token ids."""
 
-    params: GenerationParams
+    params: GenerationRequest
     prompt_token_ids: tuple[tuple[int, ...], ...]
 
 
@@ -230,7 +230,7 @@ class GenerationService:
     # ---------------------------------------------------------------- validation and running
 
     def prepare(
-        self, params: GenerationParams, fields: RequestFields = GENERATE_FIELDS
+        self, params: GenerationRequest, fields: RequestFields = GENERATE_FIELDS
     ) -> PreparedRequest:
         """Check ``params`` against the limits and the model; choose a seed if none was given.
 
@@ -280,14 +280,14 @@ class GenerationService:
         return PreparedRequest(params, prompt_ids)
 
     def submit(
-        self, params: GenerationParams, fields: RequestFields = GENERATE_FIELDS
-    ) -> Future[list[GenerationResult]]:
+        self, params: GenerationRequest, fields: RequestFields = GENERATE_FIELDS
+    ) -> Future[list[PromptCompletion]]:
         """Validate now (``RequestError``), queue the generation; the future holds the results."""
         return self._submit(self._generate_now, self.prepare(params, fields).params)
 
     def run(
-        self, params: GenerationParams, fields: RequestFields = GENERATE_FIELDS
-    ) -> list[GenerationResult]:
+        self, params: GenerationRequest, fields: RequestFields = GENERATE_FIELDS
+    ) -> list[PromptCompletion]:
         """Validate and generate (waiting for earlier requests); one result per prompt."""
         return self.submit(params, fields).result()
 
@@ -314,7 +314,7 @@ class GenerationService:
             self._num_pending -= 1
         return result
 
-    def _generate_now(self, params: GenerationParams) -> list[GenerationResult]:
+    def _generate_now(self, params: GenerationRequest) -> list[PromptCompletion]:
         try:
             results = list(self.generator.generate(params))
         except Exception as error:
@@ -324,7 +324,7 @@ class GenerationService:
             raise GenerationError("generator returned results out of prompt order")
         return results
 
-    def _stream_now(self, params: GenerationParams, out: queue.Queue) -> None:
+    def _stream_now(self, params: GenerationRequest, out: queue.Queue) -> None:
         try:
             for item in self.generator.stream(params):
                 out.put(item)
@@ -335,7 +335,7 @@ class GenerationService:
         finally:
             out.put(_END)
 
-    def _log(self, params: GenerationParams, kind: str, seconds: float) -> None:
+    def _log(self, params: GenerationRequest, kind: str, seconds: float) -> None:
         if not params.no_log:
             logger.info(
                 "%s: %d prompt(s), %d new tokens, early exit %s, %.3f s",
@@ -481,7 +481,7 @@ def _text_offsets(segments: Sequence[str], start: int) -> list[int]:
 
 
 def _choice_logprobs(
-    result: GenerationResult, params: GenerationParams, start: int
+    result: PromptCompletion, params: GenerationRequest, start: int
 ) -> CompletionLogprobs | None:
     """OpenAI logprobs of the generated tokens (echoed prompt tokens are not scored)."""
     if not params.return_logprobs:
@@ -543,7 +543,7 @@ class _ChunkAssembler:
         if self._done[index]:
             raise GenerationError(f"generator streamed prompt {index} after its result")
         sent = self._sent[index]
-        if isinstance(item, GenerationResult):
+        if isinstance(item, PromptCompletion):
             self._done[index] = True
             if not item.text.startswith(self._raw[index][:sent]):
                 logger.warning("prompt %d: final text disagrees with streamed text", index)
@@ -634,12 +634,12 @@ class FakeGenerator:
         self.script = script
         self.delay_s = delay_s
         self.fail_on = fail_on
-        self.calls: list[GenerationParams] = []
+        self.calls: list[GenerationRequest] = []
         self.active = 0
         self.max_active = 0
         self._lock = threading.Lock()
 
-    def exit_layer_for(self, token_id: int, params: GenerationParams) -> int:
+    def exit_layer_for(self, token_id: int, params: GenerationRequest) -> int:
         """The fake exit decision for one token."""
         policy = params.early_exit
         if policy is None:
@@ -655,10 +655,10 @@ class FakeGenerator:
         ids = self.tokenizer.tokenize(self.script(prompt)) or [0]
         return [ids[i % len(ids)] for i in range(num_tokens)]
 
-    def generate(self, params: GenerationParams) -> list[GenerationResult]:
+    def generate(self, params: GenerationRequest) -> list[PromptCompletion]:
         return results_from_stream(self.stream(params), len(params.prompts))
 
-    def stream(self, params: GenerationParams) -> Iterator[StreamItem]:
+    def stream(self, params: GenerationRequest) -> Iterator[StreamItem]:
         with self._lock:
             self.calls.append(params)
             self.active += 1
@@ -669,7 +669,7 @@ class FakeGenerator:
             with self._lock:
                 self.active -= 1
 
-    def _stream(self, params: GenerationParams) -> Iterator[StreamItem]:
+    def _stream(self, params: GenerationRequest) -> Iterator[StreamItem]:
         num_prompts = len(params.prompts)
         planned = [self._continuation(p, params.max_new_tokens) for p in params.prompts]
         checker = StopChecker(num_prompts, stop_strings=params.stop_strings)
@@ -721,7 +721,7 @@ class _FakeRow:
         self.events.append(event)
         return event
 
-    def result(self, index: int, text: str, checker: StopChecker, reason) -> GenerationResult:
+    def result(self, index: int, text: str, checker: StopChecker, reason) -> PromptCompletion:
         kept = self.events
         if reason == "stop":
             reason = checker.reason[index]
@@ -729,7 +729,7 @@ class _FakeRow:
             kept = kept[: checker.num_tokens[index]]
         with_logprobs = bool(kept) and kept[0].logprob is not None
         with_top = bool(kept) and kept[0].top_logprobs is not None
-        return GenerationResult(
+        return PromptCompletion(
             index=index,
             text=text,
             token_ids=tuple(event.token_id for event in kept),

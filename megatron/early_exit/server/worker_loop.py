@@ -2,7 +2,7 @@
 
 Under ``torchrun`` over TP x PP ranks every rank must join every generation's collectives. Rank 0
 (group rank 0 of ``group``) wraps its local generator in ``BroadcastingGenerator``: each call first
-broadcasts a ``Command`` (which method, with which ``GenerationParams``) with
+broadcasts a ``Command`` (which method, with which ``GenerationRequest``) with
 ``torch.distributed.broadcast_object_list``, then runs the local generator. Every other rank runs
 ``worker_loop(generator, group)``, which receives the commands and makes the same calls until
 ``STOP``. The service layer serialises requests, so broadcasts are never interleaved.
@@ -24,10 +24,10 @@ from typing import Literal, TypeVar
 
 import torch.distributed as dist
 
-from megatron.early_exit.server.protocol import GenerationParams, ServerLimits
+from megatron.early_exit.server.protocol import GenerationRequest, ServerLimits
 from megatron.early_exit.server.service import (
-    GenerationResult,
     GenerationService,
+    PromptCompletion,
     StreamItem,
     TextGenerator,
 )
@@ -46,7 +46,7 @@ class Command:
     """What rank 0 asks every other rank to do next."""
 
     kind: CommandKind
-    params: GenerationParams | None = None
+    params: GenerationRequest | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in (GENERATE, STREAM, STOP):
@@ -102,11 +102,11 @@ class BroadcastingGenerator:
             raise RuntimeError("the worker ranks were already stopped")
         broadcast_command(command, self.group, self.src)
 
-    def generate(self, params: GenerationParams) -> list[GenerationResult]:
+    def generate(self, params: GenerationRequest) -> list[PromptCompletion]:
         self._send(Command(GENERATE, params))
         return self.local.generate(params)
 
-    def stream(self, params: GenerationParams) -> Iterator[StreamItem]:
+    def stream(self, params: GenerationRequest) -> Iterator[StreamItem]:
         # Broadcast eagerly (not at the first next()) so the workers start with rank 0.
         self._send(Command(STREAM, params))
         return iter(self.local.stream(params))

@@ -18,6 +18,12 @@ import torch.nn.functional as F
 from megatron.early_exit import platform
 from megatron.early_exit.config import EarlyExitTransformerConfig, make_exit_heads
 from megatron.early_exit.data.tokenizers import TOKENIZER_TYPES
+from megatron.early_exit.exit_flags import (
+    add_exit_structure_flags,
+    exit_structure,
+    structure_flag_problems,
+    structure_flags_used,
+)
 from megatron.early_exit.pipeline.bubble_fill import FillConfig
 from megatron.early_exit.training.loop import TrainingConfig
 
@@ -70,13 +76,8 @@ def _model_flags(group) -> None:
 
 
 def _exit_flags(group) -> None:
+    add_exit_structure_flags(group)
     add = group.add_argument
-    add("--exit-layer-nums", type=int, nargs="+", default=[], help="1-based layers with an exit")
-    add("--pre-exit", action="store_true", help="exits read their layer's input")
-    add("--untie-exit-output-weights", action="store_true")
-    add("--use-exit-norm", action="store_true")
-    add("--use-exit-mlp", action="store_true")
-    add("--use-exit-block", action="store_true")
     add("--exit-layer-weight", type=float, nargs="+", default=None, help="default 1.0 each")
     add("--exit-layer-weight-init", type=float, nargs="+", default=None, help="default 0.0 each")
     add("--exit-layer-weight-warmup-iters", type=int, default=0)
@@ -205,8 +206,6 @@ def _check_conflicts(args) -> None:
         (args.sequence_parallel and args.tensor_model_parallel_size == 1,
          "--sequence-parallel needs --tensor-model-parallel-size > 1"),
         (args.mock_data and args.data_path, "--mock-data and --data-path are mutually exclusive"),
-        (args.use_exit_mlp and args.use_exit_block,
-         "--use-exit-mlp and --use-exit-block are mutually exclusive (one exit structure)"),
         (args.num_query_groups is not None and not args.group_query_attention,
          "--num-query-groups needs --group-query-attention"),
         (args.use_checkpoint_args and not args.load, "--use-checkpoint-args needs --load"),
@@ -256,11 +255,6 @@ def _check_final_head_flags(args) -> None:
 
 def _check_exit_flags(args) -> None:
     exit_only = {
-        "--pre-exit": args.pre_exit,
-        "--use-exit-norm": args.use_exit_norm,
-        "--use-exit-mlp": args.use_exit_mlp,
-        "--use-exit-block": args.use_exit_block,
-        "--untie-exit-output-weights": args.untie_exit_output_weights,
         "--exit-layer-weight": args.exit_layer_weight is not None,
         "--use-dynamic-exit-layer-weight": args.use_dynamic_exit_layer_weight,
         "--exit-kl-weight": args.exit_kl_weight != 0.0,
@@ -269,14 +263,12 @@ def _check_exit_flags(args) -> None:
         "--tune-exit": args.tune_exit,
     }
     if not args.exit_layer_nums and not args.use_checkpoint_args:  # else exits come from --load
-        used = [flag for flag, on in exit_only.items() if on]
+        used = structure_flags_used(args) + [flag for flag, on in exit_only.items() if on]
         if used:
             raise ValueError(f"{', '.join(used)} given without --exit-layer-nums")
-    if (args.use_exit_mlp or args.use_exit_block) and not args.use_exit_norm:
-        raise ValueError(
-            "--use-exit-mlp/--use-exit-block need --use-exit-norm (these exits end in a norm, "
-            "as EE-Tuning's 'MLP' and 'Layer' architectures)"
-        )
+    problems = structure_flag_problems(args)
+    if problems:
+        raise ValueError("; ".join(problems))
     _check_final_head_flags(args)
     fill_counts = args.num_fill_warmup_microbatches, args.num_fill_cooldown_microbatches
     if any(c is not None for c in fill_counts) and not args.fill_explicit_bubbles:
@@ -310,15 +302,6 @@ class RunSettings:
     use_distributed_optimizer: bool
     position_embedding_type: str
     rotary_base: int
-
-
-def exit_structure(args) -> str:
-    """The exit structure the EE-LLM flags describe."""
-    if args.use_exit_block:
-        return "block"
-    if args.use_exit_mlp:
-        return "mlp"
-    return "norm" if args.use_exit_norm else "head"
 
 
 def model_config(args, vocab_size: int) -> EarlyExitTransformerConfig:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -245,25 +244,6 @@ def train_step(
         tokens_per_second=tokens / (time.perf_counter() - start),
         exit_terms=exit_terms,
     )
-
-
-def train(
-    trainer: Trainer,
-    batches: Iterator[list[dict]],
-    on_log: Callable[[IterationMetrics], None] | None = None,
-) -> list[IterationMetrics]:
-    """Run ``training.train_iters`` iterations; ``batches`` yields each iteration's microbatches."""
-    history = []
-    trainer.model.train()
-    while trainer.iteration < trainer.training.train_iters:
-        metrics = train_step(trainer, next(batches))
-        history.append(metrics)
-        if on_log and (
-            metrics.iteration % trainer.training.log_interval == 0
-            or metrics.iteration == trainer.training.train_iters
-        ):
-            on_log(metrics)
-    return history
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ from megatron.early_exit import platform
 from megatron.early_exit.checkpoint.record import config_from_checkpoint
 from megatron.early_exit.checkpoint.sharded import PartialBackbone
 from megatron.early_exit.checkpoint.store import read_checkpoint_info
+from megatron.early_exit.config import EarlyExitTransformerConfig
 from megatron.early_exit.data.datasets import build_gpt_datasets
 from megatron.early_exit.data.default_corpus import default_training_data
 from megatron.early_exit.data.tokenizers import build_tokenizer
@@ -85,44 +86,65 @@ def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def build_tokenizer_from_args(args) -> tuple[object, dict]:
-    """The tokenizer (default: the bundled corpus's) and its description for checkpoints."""
+def build_tokenizer_from_args(args, recorded: dict | None = None) -> tuple[object, dict]:
+    """The tokenizer and its description for checkpoints: the flags', else ``recorded`` (a
+    checkpoint's, under ``--use-checkpoint-args``), else the bundled corpus's. Without
+    ``--data-path`` and ``--mock-data`` the run trains on the bundled corpus, whose tokenizer it
+    must use."""
+    info = _tokenizer_description(args, recorded)
     if not args.mock_data and args.data_path is None:
         default = default_training_data()
-        if args.tokenizer_type is None:
-            args.tokenizer_type = "SentencePieceTokenizer"
-            args.tokenizer_model = default.tokenizer_model
-        if (args.tokenizer_type, args.tokenizer_model) != (
+        if info is None:
+            info = _description("SentencePieceTokenizer", tokenizer_model=default.tokenizer_model)
+        if (info["tokenizer_type"], info["tokenizer_model"]) != (
             "SentencePieceTokenizer",
             default.tokenizer_model,
         ):
             arguments.build_parser().error(
-                f"--data-path is required with --tokenizer-type {args.tokenizer_type} (the "
+                f"--data-path is required with --tokenizer-type {info['tokenizer_type']} (the "
                 f"default corpus is tokenized with {default.tokenizer_model})"
             )
         args.data_path = [default.data_prefix]
-    if args.tokenizer_type is None:
-        args.tokenizer_type = "NullTokenizer" if args.mock_data else "GPT2BPETokenizer"
-    if args.mock_data and args.vocab_size is None and args.tokenizer_type == "NullTokenizer":
-        args.vocab_size = 1024
-    info = {
-        "tokenizer_type": args.tokenizer_type,
-        "vocab_file": args.vocab_file,
-        "merge_file": args.merge_file,
-        "tokenizer_model": args.tokenizer_model,
-        "vocab_size": args.vocab_size,
+    if info is None:
+        kind = "NullTokenizer" if args.mock_data else "GPT2BPETokenizer"
+        vocab_size = args.vocab_size
+        if args.mock_data and vocab_size is None and kind == "NullTokenizer":
+            vocab_size = 1024
+        info = _description(
+            kind, args.vocab_file, args.merge_file, args.tokenizer_model, vocab_size
+        )
+    kwargs = {k: v for k, v in info.items() if k != "tokenizer_type" and v is not None}
+    return build_tokenizer(info["tokenizer_type"], **kwargs), info
+
+
+def _tokenizer_description(args, recorded: dict | None) -> dict | None:
+    if args.tokenizer_type is not None:
+        return _description(args.tokenizer_type, args.vocab_file, args.merge_file,
+                            args.tokenizer_model, args.vocab_size)  # fmt: skip
+    if recorded:
+        fields = ("vocab_file", "merge_file", "tokenizer_model", "vocab_size")
+        return _description(recorded["tokenizer_type"], *(recorded.get(f) for f in fields))
+    return None
+
+
+def _description(tokenizer_type, vocab_file=None, merge_file=None, tokenizer_model=None,
+                 vocab_size=None) -> dict:  # fmt: skip
+    return {
+        "tokenizer_type": tokenizer_type,
+        "vocab_file": vocab_file,
+        "merge_file": merge_file,
+        "tokenizer_model": tokenizer_model,
+        "vocab_size": vocab_size,
     }
-    kwargs = {k: v for k, v in info.items() if k != "tokenizer_type"}
-    return build_tokenizer(args.tokenizer_type, **kwargs), info
 
 
-def build_data(args, tokenizer, settings, num_fill: int) -> DataSource:
+def build_data(args, tokenizer, settings, num_fill: int, seq_length: int) -> DataSource:
     dp_size = parallel_state.get_data_parallel_world_size()
     per_iteration = settings.micro_batch_size * (settings.num_microbatches + num_fill) * dp_size
     eval_samples = args.eval_iters * settings.micro_batch_size
     datasets = build_gpt_datasets(
         tokenizer,
-        seq_length=args.seq_length,
+        seq_length=seq_length,
         seed=args.seed,
         num_samples=(args.train_iters * per_iteration, eval_samples, 0),
         data_path=args.data_path,
@@ -144,19 +166,21 @@ def main(argv: list[str] | None = None) -> dict:
     """Train; returns the final evaluation (``lm_loss`` and every ``exit_<depth>``)."""
     args = arguments.parse_args(argv)
     if args.tune_exit_pipeline_parallel_size is not None:
-        # The original's P, the checkpoint's stages; this run has K (see partial_num_layers).
+        # The original's P, the checkpoint's stages; this run has K (see partial_num_layers),
+        # built from the complete model's config at one stage.
         args.pipeline_model_parallel_size = 1
     info = read_checkpoint_info(args.load) if args.use_checkpoint_args else None
-    if info is not None:
-        _apply_checkpoint_args(args, info)
-    tokenizer, tokenizer_info = build_tokenizer_from_args(args)
-    vocab_size = padded_vocab_size(tokenizer.vocab_size, args.tensor_model_parallel_size)
-    config = _config_or_exit(args, vocab_size)
-    if info is not None:  # the checkpoint's model (activation, exits, vocab) in this run's layout
-        config, vocab_size = _checkpoint_config(args, info), info.model["vocab_size"]
+    recorded = info.model_args.get("tokenizer") if info is not None else None
+    tokenizer, tokenizer_info = build_tokenizer_from_args(args, recorded)
+    if info is None:
+        vocab_size = padded_vocab_size(tokenizer.vocab_size, args.tensor_model_parallel_size)
+        shape = _shape_from_flags(args, _config_or_exit(args, vocab_size), vocab_size)
+    else:  # the checkpoint's model (activation, exits, vocab) in this run's layout
+        shape = _shape_from_checkpoint(args, info)
     partial = None
     if args.tune_exit_pipeline_parallel_size is not None:
-        config, partial = _partial_backbone(args, config)
+        shape, partial = _partial_backbone(args, shape)
+    config = shape.config
     platform.initialize(
         args.tensor_model_parallel_size,
         config.pipeline_model_parallel_size,
@@ -165,8 +189,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     settings = arguments.run_settings(args, parallel_state.get_data_parallel_world_size())
     num_fill = _num_fill(config, settings)
-    data = build_data(args, tokenizer, settings, num_fill)
-    model = _build_model(args, config, vocab_size, settings, partial)
+    data = build_data(args, tokenizer, settings, num_fill, shape.seq_length)
+    model = _build_model(shape, partial)
     trainer = setup_trainer(
         model,
         arguments.training_config(args),
@@ -178,15 +202,41 @@ def main(argv: list[str] | None = None) -> dict:
     if args.load:
         trainer.load_checkpoint(args.load, finetune=args.finetune, partial=partial)
     logger = RunLogger(
-        args, config, tokens_per_iteration=data.samples_per_iteration * args.seq_length
+        args, config, tokens_per_iteration=data.samples_per_iteration * shape.seq_length
     )
-    result = _train_loop(args, trainer, data, logger, tokenizer_info, partial)
+    model_args = {"tokenizer": tokenizer_info, "seq_length": shape.seq_length}
+    result = _train_loop(args, trainer, data, logger, model_args, partial)
     logger.close()
     platform.destroy()
     return result
 
 
-def _train_loop(args, trainer: Trainer, data: DataSource, logger, tokenizer_info, partial) -> dict:
+@dataclass(frozen=True)
+class ModelShape:
+    """The model a run builds: from the flags, or from ``--use-checkpoint-args``' checkpoint
+    record with this run's layout, precision and objective flags applied once."""
+
+    config: EarlyExitTransformerConfig
+    vocab_size: int
+    max_sequence_length: int
+    position_embedding_type: str
+    rotary_base: int
+    seq_length: int
+    """Training sequence length (the checkpoint's recorded one under --use-checkpoint-args)."""
+
+
+def _shape_from_flags(args, config, vocab_size: int) -> ModelShape:
+    return ModelShape(
+        config=config,
+        vocab_size=vocab_size,
+        max_sequence_length=args.max_position_embeddings or args.seq_length,
+        position_embedding_type=args.position_embedding_type,
+        rotary_base=args.rotary_base,
+        seq_length=args.seq_length,
+    )
+
+
+def _train_loop(args, trainer: Trainer, data: DataSource, logger, model_args, partial) -> dict:
     logger.start(trainer.iteration)
     while trainer.iteration < args.train_iters:
         start = time.perf_counter()
@@ -198,22 +248,22 @@ def _train_loop(args, trainer: Trainer, data: DataSource, logger, tokenizer_info
                 trainer.iteration, evaluate(trainer, data.validation(args.eval_iters))
             )
         if args.save and args.save_interval and trainer.iteration % args.save_interval == 0:
-            _save(args, trainer, data, tokenizer_info, partial)
+            _save(args, trainer, data, model_args, partial)
         if args.exit_interval and trainer.iteration % args.exit_interval == 0:
             break  # Megatron's --exit-interval: the final save below makes it resumable
     final = evaluate(trainer, data.validation(args.eval_iters)) if data.valid is not None else {}
     logger.final(trainer.iteration, final)
     if args.save:
-        _save(args, trainer, data, tokenizer_info, partial)
+        _save(args, trainer, data, model_args, partial)
     return final
 
 
-def _save(args, trainer, data: DataSource, tokenizer_info: dict, partial) -> None:
+def _save(args, trainer, data: DataSource, model_args: dict, partial) -> None:
     consumed = trainer.iteration * data.samples_per_iteration
     trainer.save_checkpoint(
         args.save,
         data_state={"consumed_samples": consumed},
-        model_args={"tokenizer": tokenizer_info, "seq_length": args.seq_length},
+        model_args=model_args,
         partial=partial,
     )
 
@@ -270,8 +320,9 @@ def _fits(num_stages: int, deepest: int, num_layers: int) -> bool:
     return per_stage * num_stages <= num_layers and per_stage * (num_stages - 1) < deepest
 
 
-def _partial_backbone(args, config):
-    """This run's model config (the first layers, over K stages) and the full model's record."""
+def _partial_backbone(args, shape: ModelShape):
+    """This run's model (the first layers, over K stages) and the full model's record."""
+    config = shape.config
     stages = args.tune_exit_pipeline_parallel_size
     flag = f"--tune-exit-pipeline-parallel-size {stages}"
     parser = arguments.build_parser()
@@ -289,7 +340,7 @@ def _partial_backbone(args, config):
     model_config = dataclasses.replace(
         config, num_layers=num_layers, pipeline_model_parallel_size=stages
     )
-    return model_config, PartialBackbone(config, source)
+    return dataclasses.replace(shape, config=model_config), PartialBackbone(config, source)
 
 
 class _PartialBackboneModel(EarlyExitGPTModel):
@@ -307,26 +358,38 @@ class _PartialBackboneModel(EarlyExitGPTModel):
         return tied_exits and super()._is_in_embd_group()
 
 
-def _build_model(args, config, vocab_size: int, settings, partial) -> EarlyExitGPTModel:
-    max_sequence_length = args.max_position_embeddings or args.seq_length
+def _build_model(shape: ModelShape, partial) -> EarlyExitGPTModel:
+    kwargs = dict(
+        vocab_size=shape.vocab_size,
+        max_sequence_length=shape.max_sequence_length,
+        position_embedding_type=shape.position_embedding_type,
+        rotary_base=shape.rotary_base,
+    )
     if partial is None:
-        return build_early_exit_model(
-            config,
-            vocab_size,
-            max_sequence_length,
-            position_embedding_type=settings.position_embedding_type,
-            rotary_base=settings.rotary_base,
-        )
+        return build_early_exit_model(shape.config, **kwargs)
     model = _PartialBackboneModel(
-        config,
-        vocab_size=vocab_size,
-        max_sequence_length=max_sequence_length,
+        shape.config,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=False,
-        position_embedding_type=settings.position_embedding_type,
-        rotary_base=settings.rotary_base,
+        **kwargs,
     )
     return model.to(platform.device())
+
+
+def _shape_from_checkpoint(args, info) -> ModelShape:
+    """``--use-checkpoint-args``: the checkpoint's model (shape, exits, vocab, positions,
+    training sequence length) with this run's layout, precision and training objective. The
+    model-shape flags are not read; the exits' loss weights and temperatures are the
+    checkpoint's."""
+    model = info.model
+    return ModelShape(
+        config=_checkpoint_config(args, info),
+        vocab_size=model["vocab_size"],
+        max_sequence_length=model["max_sequence_length"],
+        position_embedding_type=model["position_embedding_type"],
+        rotary_base=model.get("rotary_base") or args.rotary_base,
+        seq_length=info.model_args.get("seq_length", args.seq_length),
+    )
 
 
 def _checkpoint_config(args, info):
@@ -340,76 +403,30 @@ def _checkpoint_config(args, info):
         params_dtype=dtype,
         pipeline_dtype=dtype,
         include_final_loss=not args.tune_exit,
-        # The training objective is this run's: distillation and confidence heads as flagged
-        # (a checkpoint's own confidence heads are kept by _apply_checkpoint_exits).
+        # The training objective is this run's: distillation and confidence heads as flagged.
+        # A checkpoint's own confidence heads are kept (their width is the checkpoint's unless
+        # --exit-confidence-hidden-size says otherwise).
         exit_kl_weight=args.exit_kl_weight,
     )
     if args.exit_confidence_loss_weight is not None:
         overrides["exit_confidence_loss_weight"] = args.exit_confidence_loss_weight
     try:
-        config = config_from_checkpoint(info, **overrides)
-        width = arguments.confidence_hidden_size(args)
-        if any(e.confidence_hidden_size != width for e in config.exit_heads):
-            heads = tuple(
-                dataclasses.replace(e, confidence_hidden_size=width) for e in config.exit_heads
-            )
-            config = config_from_checkpoint(info, **overrides, exit_heads=heads)
+        heads = tuple(
+            dataclasses.replace(e, confidence_hidden_size=_confidence_width(args, e))
+            for e in config_from_checkpoint(info).exit_heads
+        )
+        config = config_from_checkpoint(info, **overrides, exit_heads=heads)
+        config.check_trainable_final_head_targets()
         return config
     except ValueError as error:
         arguments.build_parser().error(f"--use-checkpoint-args: {error}")
 
 
-def _apply_checkpoint_args(args, info) -> None:
-    """``--use-checkpoint-args``: model shape, exits and tokenizer come from the checkpoint;
-    the parallel layout, precision and training flags stay as given."""
-    record, model = info.model_config, info.model
-    for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                 "num_query_groups", "normalization", "hidden_dropout", "attention_dropout",
-                 "init_method_std"):  # fmt: skip
-        setattr(args, name, record[name])
-    args.group_query_attention = record["num_query_groups"] is not None
-    args.swiglu = record["gated_linear_unit"]
-    args.disable_bias_linear = not record["add_bias_linear"]
-    args.untie_embeddings_and_output_weights = record["untie_embeddings_and_output_weights"]
-    args.position_embedding_type = model["position_embedding_type"]
-    args.rotary_base = model.get("rotary_base") or args.rotary_base
-    args.seq_length = info.model_args.get("seq_length", args.seq_length)
-    # The model's own positions (learned embeddings must fit; saves record them), not the
-    # training sequence length.
-    args.max_position_embeddings = model["max_sequence_length"]
-    _apply_checkpoint_exits(args, record)
-    tokenizer = info.model_args.get("tokenizer")
-    if tokenizer and args.tokenizer_type is None:
-        for name, value in tokenizer.items():
-            setattr(args, name, value)
-
-
-def _apply_checkpoint_exits(args, record: dict) -> None:
-    heads = record["exit_heads"]
-    if not heads:
-        return
-    args.exit_layer_nums = [h["layer_number"] for h in heads]
-    args.pre_exit = heads[0]["pre_exit"]
-    args.untie_exit_output_weights = heads[0]["untied"]
-    structure = heads[0]["structure"]
-    args.use_exit_norm = structure != "head"
-    args.use_exit_mlp, args.use_exit_block = structure == "mlp", structure == "block"
-    args.exit_layer_weight = [h["loss_weight"] for h in heads]
-    args.exit_layer_weight_init = [h["loss_weight_init"] for h in heads]
-    args.exit_layer_temperature = [h["temperature"] for h in heads]
-    confidence = heads[0].get("confidence_hidden_size", 0)
-    if confidence and not args.exit_confidence_head:  # keep the checkpoint's confidence heads
-        args.exit_confidence_head = True
-        args.exit_confidence_hidden_size = confidence
-    structures = {
-        (h["pre_exit"], h["structure"], h["untied"], h.get("confidence_hidden_size", 0))
-        for h in heads
-    }
-    if len(structures) > 1:
-        raise SystemExit(
-            "--use-checkpoint-args: the checkpoint's exits mix placements/structures, which the "
-            "command-line flags cannot express; build the model with config_from_checkpoint"
-        )
+def _confidence_width(args, exit_head) -> int:
+    if not args.exit_confidence_head:
+        return exit_head.confidence_hidden_size  # the checkpoint's (0: none)
+    saved = exit_head.confidence_hidden_size
+    return args.exit_confidence_hidden_size or saved or arguments.confidence_hidden_size(args)
 
 
 def _config_or_exit(args, vocab_size: int):
