@@ -10,16 +10,10 @@ self-speculative decoding and Hugging Face ``generate`` on one checkpoint and on
 Prints a table (tokens/s, measured and ideal speed-up over full decoding, agreement with full
 decoding, ROUGE-L, mean exit depth, tokens per exit) and writes the rows as JSON and a PNG of
 speed-up against agreement. What is measured and how: ``docs/benchmarks/generation.md``; the
-code: ``megatron/early_exit/inference/bench/``.
+code: ``megatron/early_exit/bench/generation/``.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from megatron.early_exit.bench.generation.cli import main
 
 if __name__ == "__main__":
-    from megatron.early_exit.inference.bench.cli import main
-
     main()

@@ -30,8 +30,8 @@ ROW_KEYS = {
 
 def bench_worker(rank: int, world_size: int, tmp: str) -> dict:
     from megatron.early_exit import platform
+    from megatron.early_exit.bench.generation.cli import main
     from megatron.early_exit.checkpoint.store import save_checkpoint
-    from megatron.early_exit.inference.bench.cli import main
     from megatron.early_exit.model.builder import build_early_exit_model
     from tests.helpers import tiny_config
 

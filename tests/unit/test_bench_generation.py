@@ -1,5 +1,6 @@
 """The generation benchmark's pure parts: agreement, ROUGE-L, exit statistics, the cost model,
-rows, table and plot, the HF runner, prompts and flags (``megatron/early_exit/inference/bench``)."""
+rows, table and plot, the HF runner, prompts and flags
+(``megatron/early_exit/bench/generation``)."""
 
 from __future__ import annotations
 
@@ -13,18 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron.early_exit.inference.bench import metrics
-from megatron.early_exit.inference.bench.cli import default_prompts, parse_args, read_prompts
-from megatron.early_exit.inference.bench.measure import Measured
-from megatron.early_exit.inference.bench.methods import (
+from megatron.early_exit.bench.generation import metrics
+from megatron.early_exit.bench.generation.cli import default_prompts, parse_args, read_prompts
+from megatron.early_exit.bench.generation.measure import Measured
+from megatron.early_exit.bench.generation.methods import (
     HF_METHOD,
     HFRunner,
     MethodSpec,
     Outputs,
     method_specs,
 )
-from megatron.early_exit.inference.bench.metrics import UnitCosts
-from megatron.early_exit.inference.bench.report import (
+from megatron.early_exit.bench.generation.metrics import UnitCosts
+from megatron.early_exit.bench.generation.report import (
     build_rows,
     format_table,
     markdown_table,

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megatron.early_exit.inference.bench import metrics
-from megatron.early_exit.inference.bench.methods import EngineRunner, MethodSpec, Outputs
-from megatron.early_exit.inference.bench.metrics import CallKey
+from megatron.early_exit.bench.generation import metrics
+from megatron.early_exit.bench.generation.methods import EngineRunner, MethodSpec, Outputs
+from megatron.early_exit.bench.generation.metrics import CallKey
 
 
 def profiled_modules(model) -> list[tuple[str, torch.nn.Module, int]]:

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from megatron.early_exit.inference.bench import report
-from megatron.early_exit.inference.bench.measure import gather_profiles, measure
-from megatron.early_exit.inference.bench.methods import (
+from megatron.early_exit.bench.generation import report
+from megatron.early_exit.bench.generation.measure import gather_profiles, measure
+from megatron.early_exit.bench.generation.methods import (
     HF_METHOD,
     EngineRunner,
     MethodSpec,
@@ -32,7 +32,7 @@ from megatron.early_exit.inference.bench.methods import (
     load_hf_runner,
     method_specs,
 )
-from megatron.early_exit.inference.bench.metrics import UnitCosts
+from megatron.early_exit.bench.generation.metrics import UnitCosts
 from megatron.early_exit.inference.decide import CONFIDENCE_MEASURES, DEFAULT_CONFIDENCE_MEASURE
 
 DEFAULT_THRESHOLDS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)

@@ -7,10 +7,10 @@ import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from megatron.early_exit.inference.bench import metrics
-from megatron.early_exit.inference.bench.measure import Measured
-from megatron.early_exit.inference.bench.methods import MethodSpec
-from megatron.early_exit.inference.bench.metrics import UnitCosts
+from megatron.early_exit.bench.generation import metrics
+from megatron.early_exit.bench.generation.measure import Measured
+from megatron.early_exit.bench.generation.methods import MethodSpec
+from megatron.early_exit.bench.generation.metrics import UnitCosts
 
 
 def paired_speedup(

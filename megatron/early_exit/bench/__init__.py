@@ -1,0 +1,9 @@
+"""Benchmark applications, kept out of the libraries they measure.
+
+* ``generation``: decoding methods on one checkpoint (``tools/bench_generation.py``,
+  ``docs/benchmarks/generation.md``);
+* ``training``: our pipeline executor against megatron-core's 1F1B (``tools/bench_training.py``,
+  ``docs/benchmarks/training.md``).
+
+Nothing in ``inference/``, ``training/`` or ``pipeline/`` imports this package.
+"""
