@@ -39,6 +39,8 @@ from typing import Any
 
 import torch
 
+from megatron.early_exit.launch import free_port
+
 _CPU_COMPAT_INSTALLED = False
 
 
@@ -325,14 +327,6 @@ class ParallelLayout:
     data_parallel_rank: int
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _init_process_group(timeout_s: float) -> None:
     import torch.distributed as dist
 
@@ -341,7 +335,7 @@ def _init_process_group(timeout_s: float) -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "WORLD_SIZE" not in os.environ and "MASTER_PORT" not in os.environ:
         # A plain single process: any free port, so two such jobs can run side by side.
-        os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ["MASTER_PORT"] = str(free_port())
     os.environ.setdefault("MASTER_PORT", "29500")
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")

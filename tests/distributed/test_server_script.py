@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed.harness import free_port
+from megatron.early_exit.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = (

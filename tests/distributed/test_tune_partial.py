@@ -31,7 +31,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.distributed.harness import free_port, run_distributed
+from megatron.early_exit.launch import free_port
+from tests.distributed.harness import run_distributed
 
 FLAG = "--tune-exit-pipeline-parallel-size"
 COMMON = (

@@ -18,6 +18,7 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
+from megatron.early_exit.launch import free_port
 from megatron.early_exit.server import client as request_client
 from megatron.early_exit.server import interactive as text_generation_cli
 from megatron.early_exit.server.app import create_app
@@ -35,7 +36,6 @@ from megatron.early_exit.server.service import (
     stop_holdback,
     stream_from_results,
 )
-from tests.distributed.harness import free_port
 
 LIMITS = ServerLimits(max_prompts=4, max_prompt_tokens=64, max_tokens_to_generate=64)
 NUM_LAYERS = 8
