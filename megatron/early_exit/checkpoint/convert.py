@@ -20,7 +20,6 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from megatron.early_exit.exit_flags import (
     exit_structure,
     structure_flag_problems,
 )
+from megatron.early_exit.launch import free_port
 
 EXITS_JSON = "early_exits.json"
 EXITS_SAFETENSORS = "early_exits.safetensors"
@@ -565,9 +565,7 @@ def single_process(seed: int = 1234):
             "checkpoint tools run in one process: do not start them with torchrun"
         )
     if "MASTER_PORT" not in os.environ:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+        os.environ["MASTER_PORT"] = str(free_port())
     platform.initialize(1, 1, seed=seed)
     try:
         yield

@@ -33,6 +33,7 @@ from megatron.early_exit.bench.generation.methods import (
     method_specs,
 )
 from megatron.early_exit.bench.generation.metrics import UnitCosts
+from megatron.early_exit.checkpoint.loading import Layout, load_for_inference
 from megatron.early_exit.inference.decide import CONFIDENCE_MEASURES, DEFAULT_CONFIDENCE_MEASURE
 
 DEFAULT_THRESHOLDS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
@@ -160,38 +161,6 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_model(load: str, tensor_parallel_size: int, pipeline_parallel_size: int, seed: int,
-               tokenizer_model: str | None = None):  # fmt: skip
-    """``(info, model, tokenizer)``: initialises the platform at the layout, loads the newest
-    checkpoint of ``load`` (whatever layout it was saved with) and its recorded tokenizer."""
-    from megatron.early_exit import platform
-    from megatron.early_exit.checkpoint.add_exits import (
-        build_model,
-        checkpoint_config,
-        make_trainer,
-    )
-    from megatron.early_exit.data.tokenizers import checkpoint_tokenizer
-    from megatron.early_exit.placement import tied_exit_stages
-    from megatron.early_exit.training.checkpointing import load_checkpoint, read_checkpoint_info
-
-    info = read_checkpoint_info(load)
-    config = checkpoint_config(
-        info,
-        tensor_model_parallel_size=tensor_parallel_size,
-        pipeline_model_parallel_size=pipeline_parallel_size,
-    )
-    platform.initialize(tensor_parallel_size, pipeline_parallel_size, seed=seed,
-                        embedding_stages=tied_exit_stages(config))  # fmt: skip
-    model = build_model(config, info.model, seed=seed)
-    load_checkpoint(load, make_trainer(model), load_optimizer=False)
-    model.eval()
-    try:
-        tokenizer = checkpoint_tokenizer(info, tokenizer_model)
-    except ValueError as error:
-        raise ValueError(f"{load}: {error}") from None
-    return info, model, tokenizer
-
-
 @dataclass
 class Setup:
     """What the run works on."""
@@ -228,9 +197,11 @@ def prepare(args: argparse.Namespace) -> Setup:
         )
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    info, model, tokenizer = load_model(
-        args.load, world_size // pp, pp, args.seed, args.tokenizer_model
-    )
+    loaded = load_for_inference(
+        args.load, Layout(world_size // pp, pp), seed=args.seed,
+        tokenizer_model=args.tokenizer_model,
+    )  # fmt: skip
+    info, model, tokenizer = loaded.info, loaded.model, loaded.tokenizer
     if not model.config.exit_heads:
         raise ValueError(f"{args.load} has no exits: nothing to compare with full decoding")
     texts = read_prompts(args.prompts_file) if args.prompts_file else default_prompts(
