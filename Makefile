@@ -6,6 +6,7 @@ setup:
 
 demo: setup
 	bash examples/cpu/train_tiny.sh
+	.venv/bin/python tools/generate_demo.py --load runs/tiny
 
 test: setup lint
 	.venv/bin/python -m pytest -q

@@ -135,6 +135,18 @@ def backward_and_gather(ddp, model, config, batch: dict, final, exit_losses: dic
             "exit_logits": exit_logits}  # fmt: skip
 
 
+def all_logits(model, batch: dict) -> dict:
+    """``{"final": ..., "exit_<depth>": ...}`` gathered logits ``[b, s, v]`` of one eval forward
+    of ``batch`` (``make_batch``'s keys)."""
+    model.eval()
+    with torch.no_grad():
+        final, exits = model(
+            batch["input_ids"], batch["position_ids"], batch["attention_mask"],
+            runtime_gather_output=True,
+        )  # fmt: skip
+    return {"final": final, **{f"exit_{d}": v for d, v in exits.items()}}
+
+
 def no_cache_forward(model, sequence: torch.Tensor):
     """``(final, exits)`` gathered logits of megatron's own causal forward over ``sequence``
     ``[b, n]``, without a KV cache: the oracle decoding tests compare against."""

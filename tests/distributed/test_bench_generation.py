@@ -52,10 +52,36 @@ def bench_worker(rank: int, world_size: int, tmp: str) -> dict:
     ]  # fmt: skip
     report = main(argv)
     return {
+        "demo": _demo(checkpoint, out),
         "report": report,
         "json": json.loads((out / "bench.json").read_text()),
         "png": (out / "bench.png").read_bytes()[:8],
         "num_layers": config.num_layers,
+    }
+
+
+def _demo(checkpoint: Path, out: Path) -> dict:
+    """``tools/generate_demo.py``'s comparison at threshold 0 (every token exits at the first
+    exit) on two prompts."""
+    from megatron.early_exit.bench.generation import demo
+    from megatron.early_exit.checkpoint.loading import load_for_inference
+
+    texts = out / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"text": p + " and more words"}) + "\n" for p in PROMPTS))
+    args = demo.parse_args([
+        "--load", str(checkpoint), "--text-jsonl", str(texts), "--num-prompts", "2",
+        "--prompt-words", "3", "--max-new-tokens", "4", "--threshold", "0", "--rounds", "2",
+    ])  # fmt: skip
+    loaded = load_for_inference(checkpoint)
+    result = demo.run(loaded.model, loaded.tokenizer, args)
+    from megatron.early_exit import platform
+
+    platform.destroy()
+    return {
+        "prompts": result["prompts"],
+        "full_exits": [r.exit_layers for r in result["full"]],
+        "early_exits": [r.exit_layers for r in result["early exit"]],
+        "table": result["table"],
     }
 
 
@@ -142,3 +168,14 @@ def test_ideal_speedup_is_the_cost_model_of_the_recorded_calls(result):
         + summary["final_head_ms"]
     )  # fmt: skip
     assert set(summary["exit_head_ms"]) == {"1", "2", "3", "4"}
+
+
+def test_generate_demo(result):
+    demo = result["demo"]
+    assert demo["prompts"] == ["The jury said", "It was a"]
+    assert all(layers == [result["num_layers"]] * 4 for layers in demo["full_exits"])
+    early = demo["early_exits"]  # threshold 0: every token at the first exit (or EOS sooner)
+    assert all(layers and set(layers) == {1} for layers in early), early
+    rows = {line.split()[0]: line.split() for line in demo["table"].splitlines()[2:]}
+    assert rows["full"][-3:-1] == ["1.00", "1.00"] and rows["full"][-1] == "1.000"
+    assert rows["early"][:2] == ["early", "exit"]

@@ -15,19 +15,9 @@ import pytest
 import torch
 
 from tests.distributed.harness import run_distributed
-from tests.helpers import VOCAB, make_batch, relative_error
+from tests.helpers import VOCAB, all_logits, make_batch, relative_error
 
 FIXTURE = Path(__file__).resolve().parents[1] / "assets" / "checkpoint_format_v1"
-
-
-def _logits(model, batch) -> dict:
-    model.eval()
-    with torch.no_grad():
-        final, exits = model(
-            batch["input_ids"], batch["position_ids"], batch["attention_mask"],
-            runtime_gather_output=True,
-        )  # fmt: skip
-    return {"final": final, **{f"exit_{d}": v for d, v in exits.items()}}
 
 
 def _worker(rank: int, world_size: int) -> dict:
@@ -40,7 +30,7 @@ def _worker(rank: int, world_size: int) -> dict:
     batch = make_batch(seed=expected.pop("batch_seed"))
     platform.initialize(1, 1, seed=3)
     info, config, model = load_model(FIXTURE / "checkpoint", seed=99)
-    got = _logits(model, batch)
+    got = all_logits(model, batch)
     out = {
         "heads": sorted(got),
         "expected_heads": sorted(expected),
@@ -53,7 +43,7 @@ def _worker(rank: int, world_size: int) -> dict:
     trainer = setup_trainer(model, TrainingConfig(train_iters=4, lr=3e-3, min_lr=3e-4))
     out["resumed_iteration"] = trainer.load_checkpoint(FIXTURE / "checkpoint")
     out["resumed_logits_error"] = max(
-        relative_error(v, expected[k]) for k, v in _logits(trainer.model.module, batch).items()
+        relative_error(v, expected[k]) for k, v in all_logits(trainer.model.module, batch).items()
     )
     trainer.model.train()
     metrics = train_step(trainer, [make_batch(seed=102)])
@@ -69,7 +59,7 @@ def loaded() -> dict:
     return run_distributed(_worker, 1)[0]
 
 
-def test_old_checkpoint_gives_the_same_logits(loaded):
+def test_old_checkpoint_gives_the_sameall_logits(loaded):
     assert loaded["heads"] == loaded["expected_heads"] == [
         "exit_1", "exit_2", "exit_3", "exit_4", "final"
     ]  # fmt: skip

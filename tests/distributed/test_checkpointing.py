@@ -29,6 +29,7 @@ from tests.distributed.harness import gather_dicts, run_distributed
 from tests.helpers import (
     SEQ,
     VOCAB,
+    all_logits,
     make_batch,
     position_embedding_type,
     relative_error,
@@ -84,17 +85,6 @@ def _train(trainer, stop: int) -> list[list[float]]:
 def _max_relative_difference(a: list[list[float]], b: list[list[float]]) -> float:
     assert len(a) == len(b), (len(a), len(b))
     return max(abs(x - y) / max(abs(y), 1e-12) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
-
-
-def _logits(model, batch) -> dict:
-    """Final logits and every exit's logits, gathered over TP ([b, s, v])."""
-    model.eval()
-    with torch.no_grad():
-        final, exits = model(
-            batch["input_ids"], batch["position_ids"], batch["attention_mask"],
-            runtime_gather_output=True,
-        )  # fmt: skip
-    return {"final": final, **{f"exit_{d}": v for d, v in exits.items()}}
 
 
 def _chained_logits(model, batch) -> dict:
@@ -190,7 +180,7 @@ def _crash_checks(root: Path, trainer) -> dict:
     from megatron.early_exit.checkpoint import store as ckpt
 
     batch = make_batch(seed=4242)
-    saved = _logits(trainer.model.module, batch)
+    saved = all_logits(trainer.model.module, batch)
     _train(trainer, HALF + 2)  # now differs from the checkpoint
     out = {}
 
@@ -218,7 +208,7 @@ def _crash_checks(root: Path, trainer) -> dict:
 
     trainer.iteration = 999  # load must reset it
     out["reloaded_iteration"] = trainer.load_checkpoint(root)
-    out["reloaded_logits_error"] = _logits_error(_logits(trainer.model.module, batch), saved)[0]
+    out["reloaded_logits_error"] = _logits_error(all_logits(trainer.model.module, batch), saved)[0]
     return out
 
 
@@ -379,7 +369,7 @@ def _reshard_checks(root: Path) -> dict:
     platform.initialize(2, 1, seed=5)
     trainer = _trainer(tiny_config(family, tensor_model_parallel_size=2), family, seed=21)
     _train(trainer, 3)  # trained weights and optimizer state
-    expected_tp2 = _logits(trainer.model.module, batch)
+    expected_tp2 = all_logits(trainer.model.module, batch)
     out["tp2_shards"] = gather_dicts(_exit_head_shards(trainer.model.module))
     trainer.save_checkpoint(root / "tp2", model_args=MODEL_ARGS)
 
@@ -395,27 +385,27 @@ def _reshard_checks(root: Path) -> dict:
     tp1 = _trainer(tiny_config(family), family, seed=99)
     out["tp1_shards"] = gather_dicts(_exit_head_shards(tp1.model.module))
     out["tp2_to_tp1_iteration"] = tp1.load_checkpoint(root / "tp2")
-    out["tp2_to_tp1"] = _logits_error(_logits(tp1.model.module, batch), expected_tp2)
+    out["tp2_to_tp1"] = _logits_error(all_logits(tp1.model.module, batch), expected_tp2)
     tp1.load_checkpoint(root / "pp2")  # PP=2 -> PP=1
-    out["pp2_to_pp1"] = _logits_error(_logits(tp1.model.module, batch), expected_pp2)
+    out["pp2_to_pp1"] = _logits_error(all_logits(tp1.model.module, batch), expected_pp2)
     reproducible_init_(tp1.model.module, seed=41)  # the PP=2 run's weights, built at PP=1
-    out["pp2_reference"] = _logits_error(_logits(tp1.model.module, batch), expected_pp2)
+    out["pp2_reference"] = _logits_error(all_logits(tp1.model.module, batch), expected_pp2)
     return out
 
 
-def test_tp2_checkpoint_loads_at_tp1_with_equal_logits(reshard):
+def test_tp2_checkpoint_loads_at_tp1_with_equalall_logits(reshard):
     error, keys = reshard["tp2_to_tp1"]
     assert keys == ["exit_1", "exit_2", "exit_3", "exit_4", "final"]
     assert error < 1e-5, error
     assert reshard["tp2_to_tp1_iteration"] == 3
 
 
-def test_tp2_checkpoint_loads_at_pp2_with_equal_logits(reshard):
+def test_tp2_checkpoint_loads_at_pp2_with_equalall_logits(reshard):
     error, _ = reshard["tp2_to_pp2"]
     assert error < 1e-5, error
 
 
-def test_pp2_checkpoint_loads_at_pp1_with_equal_logits(reshard):
+def test_pp2_checkpoint_loads_at_pp1_with_equalall_logits(reshard):
     assert reshard["pp2_reference"][0] < 1e-5  # the oracle itself holds
     error, keys = reshard["pp2_to_pp1"]
     assert keys == ["exit_1", "exit_2", "exit_3", "exit_4", "final"]
@@ -466,7 +456,7 @@ def middle_worker(rank: int, world_size: int, tmp: str) -> dict:
     platform.initialize(1, 1, seed=5)
     pp1 = _trainer(tiny_config(family, num_layers=6, exit_heads=PP3_EXITS), family, seed=52)
     pp1.load_checkpoint(root / "pp3")
-    out["pp3_to_pp1"] = _logits_error(_logits(pp1.model.module, batch), expected)
+    out["pp3_to_pp1"] = _logits_error(all_logits(pp1.model.module, batch), expected)
     return out
 
 
