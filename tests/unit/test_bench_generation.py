@@ -353,3 +353,16 @@ def test_hf_runner_pads_left_and_applies_our_eos_rule():
     assert kwargs["do_sample"] is False and kwargs["use_cache"] is True
     stopping = HFRunner(_FakeHF(), batch_size=4, max_new_tokens=4, pad_id=0, eos_id=7)
     assert stopping([[1], [2]]).tokens == [[100], [101]]  # EOS ends the row, unreported
+
+
+def test_headline_and_overhead():
+    from megatron.early_exit.bench.generation import report
+
+    assert report.overhead_ms_per_step(2.0, 1.5, 100, 4) == pytest.approx(20.0)
+    assert report.overhead_ms_per_step(2.0, 1.5, 0, 4) is None
+    full = {"method": "full", "tokens_per_second": 50.0, "overhead_ms_per_step": 3.0}
+    hf = {"method": "hf_transformers", "tokens_per_second": 100.0, "speedup": 2.0,
+          "cpu_speedup": 4.0}  # fmt: skip
+    line = report.headline([full, hf])
+    assert "ours / HF = 0.50x" in line and "CPU time 0.25x" in line and "3.00 ms per step" in line
+    assert report.headline([full]) is None

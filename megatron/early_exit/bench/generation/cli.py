@@ -287,6 +287,9 @@ def run(args: argparse.Namespace) -> dict | None:
     result = {"meta": meta, "unit_costs": summary, "rows": rows}
     print(report.cost_line(summary, num_layers, args.batch_size))
     print(report.format_table(rows))
+    line = report.headline(rows)
+    if line is not None:
+        print(line)
     if not all(r["deterministic"] for r in rows):
         print("warning: a method produced different tokens in different runs ('deterministic')")
     _write(args, setup, result)

@@ -58,6 +58,7 @@ def build_rows(
             "work_per_token": None,
             "module_calls": None,
             "module_seconds": None,
+            "overhead_ms_per_step": None,
             "deterministic": record.deterministic,
         }
         if record.outputs.exit_layers is not None:
@@ -69,12 +70,42 @@ def build_rows(
             row["module_calls"] = {metrics.key_name(k): n for k, n in sorted(record.calls.items())}
             if costs is not None:
                 row["module_seconds"] = costs.cost(record.calls)
+                row["overhead_ms_per_step"] = overhead_ms_per_step(
+                    wall, row["module_seconds"], tokens, common.get("batch_size")
+                )
                 if with_ideal:
                     row["ideal_speedup"] = metrics.ideal_speedup(
                         costs, reference.calls, reference.num_tokens, record.calls, tokens
                     )
         rows.append(row)
     return rows
+
+
+def overhead_ms_per_step(
+    wall: float, module_seconds: float, tokens: int, batch_size: int | None
+) -> float | None:
+    """The engine's fixed cost of a decode step: wall time not spent in the profiled modules
+    (layers, heads, embedding), per step of ``batch_size`` rows emitting one token each."""
+    if not tokens or not batch_size:
+        return None
+    return 1e3 * (wall - module_seconds) * batch_size / tokens
+
+
+def headline(rows: Sequence[Mapping]) -> str | None:
+    """Full decoding against Hugging Face greedy ``generate`` in the same run (None without the
+    HF row): the median of per-round tokens/s ratios, and the engine's fixed per-step cost."""
+    full = next((r for r in rows if r["method"] == "full"), None)
+    hf = next((r for r in rows if r["method"] == "hf_transformers"), None)
+    if full is None or hf is None or not hf["speedup"]:
+        return None
+    line = (
+        f"headline: full decoding {full['tokens_per_second']:.1f} tok/s, HF generate "
+        f"{hf['tokens_per_second']:.1f} tok/s: ours / HF = {1.0 / hf['speedup']:.2f}x "
+        f"(median of per-round ratios; CPU time {1.0 / hf['cpu_speedup']:.2f}x)"
+    )
+    if full["overhead_ms_per_step"] is not None:
+        line += f"; engine overhead {full['overhead_ms_per_step']:.2f} ms per step"
+    return line
 
 
 def unit_cost_summary(costs: UnitCosts, num_layers: int, exit_depths: Sequence[int]) -> dict:
