@@ -9,6 +9,13 @@ same hidden state but live on different pipeline stages when L is a stage bounda
 Every exit is identified by :attr:`ExitHeadConfig.depth`, the number of backbone layers below the
 hidden state it reads. Checkpoint keys, logs and metrics use that depth, so they do not depend on
 the pipeline split or on pre/post placement.
+
+Vocabulary (the one place it is defined): **depth** is the only name the code uses for an exit
+once its config exists (``ExitPolicy.depths``, ``Engine.exits``, ``GenerationResult.exit_depths``,
+``FirstExit.depth``, exit module keys ``str(depth)``); ``layer_number`` appears only where the
+flag's number is needed (building the exit on its pipeline stage, the checkpoint record). The
+generation API keeps the field names users know (``exit_layers`` in requests and responses, the
+final head reported as ``num_layers``): their values are depths, mapped in ``server/protocol.py``.
 """
 
 from __future__ import annotations

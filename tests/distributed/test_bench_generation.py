@@ -79,8 +79,8 @@ def _demo(checkpoint: Path, out: Path) -> dict:
     platform.destroy()
     return {
         "prompts": result["prompts"],
-        "full_exits": [r.exit_layers for r in result["full"]],
-        "early_exits": [r.exit_layers for r in result["early exit"]],
+        "full_exits": [r.exit_depths for r in result["full"]],
+        "early_exits": [r.exit_depths for r in result["early exit"]],
         "table": result["table"],
     }
 

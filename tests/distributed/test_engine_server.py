@@ -42,7 +42,7 @@ def server_worker(rank: int, world_size: int) -> dict:
     service.close()
     return {
         "direct": tokenizer.detokenize(direct.tokens),
-        "direct_exits": direct.exit_layers,
+        "direct_exits": direct.exit_depths,
         "full": full,
         "early": early,
         "bad_status": bad.status_code,

@@ -50,10 +50,10 @@ def _params(**kwargs):
     from megatron.early_exit.inference.decide import ExitPolicy
     from megatron.early_exit.inference.generate import GenerationParams
 
-    if "threshold" in kwargs or "exit_layers" in kwargs:
+    if "threshold" in kwargs or "depths" in kwargs:
         kwargs["exit_policy"] = ExitPolicy(
             threshold=kwargs.pop("threshold", THRESHOLD),
-            exit_layers=kwargs.pop("exit_layers", None),
+            depths=kwargs.pop("depths", None),
         )
     return GenerationParams(max_new_tokens=kwargs.pop("max_new_tokens", NEW_TOKENS), **kwargs)
 
@@ -68,7 +68,7 @@ def _never_exit_checks(model, prompts, full, tp: int) -> dict:
     deepest = max(e.depth for e in model.local_exit_configs)
     out = {"threshold_1": _tokens(generate(model, prompts, _params(threshold=1.0))) == full}
     if tp == 1:
-        restricted = _params(threshold=1.0, exit_layers=[deepest])
+        restricted = _params(threshold=1.0, depths=[deepest])
         out["threshold_1_deepest_only"] = _tokens(generate(model, prompts, restricted)) == full
     return out
 
@@ -78,10 +78,10 @@ def _threshold_zero_checks(model, prompts) -> dict:
 
     shallowest = min(e.depth for e in model.local_exit_configs)
     everywhere = generate(model, prompts, _params(threshold=0.0))
-    only_two = generate(model, prompts, _params(threshold=0.0, exit_layers=[2]))
+    only_two = generate(model, prompts, _params(threshold=0.0, depths=[2]))
     return {
-        "first_exit": {d for r in everywhere for d in r.exit_layers} == {shallowest},
-        "only_exit_2": {d for r in only_two for d in r.exit_layers} == {2},
+        "first_exit": {d for r in everywhere for d in r.exit_depths} == {shallowest},
+        "only_exit_2": {d for r in only_two for d in r.exit_depths} == {2},
     }
 
 
@@ -100,13 +100,13 @@ def _batched_checks(model, prompts) -> dict:
             for i, p in enumerate(rows)
         ]
         out[f"{name}/tokens"] = _tokens(batched) == _tokens(alone)
-        out[f"{name}/exit_layers"] = [r.exit_layers for r in batched] == [
-            r.exit_layers for r in alone
+        out[f"{name}/exit_layers"] = [r.exit_depths for r in batched] == [
+            r.exit_depths for r in alone
         ]
         out[f"{name}/logprobs"] = max(
             abs(a - b) for x, y in zip(batched, alone) for a, b in zip(x.logprobs, y.logprobs)
         )
-        out[f"{name}/depths"] = sorted({d for r in batched for d in r.exit_layers})
+        out[f"{name}/depths"] = sorted({d for r in batched for d in r.exit_depths})
     return out
 
 
@@ -133,7 +133,7 @@ def _consistency_checks(model, prompts) -> dict:
     for prompt, result in zip(prompts, results):
         sequence = torch.tensor([prompt + result.tokens])
         final, exits = no_cache_forward(model, sequence)
-        for i, (token, depth) in enumerate(zip(result.tokens, result.exit_layers)):
+        for i, (token, depth) in enumerate(zip(result.tokens, result.exit_depths)):
             position = len(prompt) - 1 + i
             conf = {d: float(max_prob_confidence(exits[d][:, position])) for d in depths}
             if any(abs(c - THRESHOLD) < 1e-4 for c in conf.values()):
@@ -158,7 +158,7 @@ def _cache_checks(model, prompts) -> dict:
     from megatron.early_exit.inference.policies import DecodeState, KVRecompute, RowSampler
 
     engine = Engine(model)
-    depths = sorted(engine.exit_configs)
+    depths = sorted(engine.exits)
     tokens, pads = left_pad(prompts, 0)
     cache = engine.new_cache(pads, MAX_SEQ)
     policy = KVRecompute(ExitPolicy(threshold=CACHE_THRESHOLD), depths)

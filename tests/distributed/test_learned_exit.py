@@ -63,7 +63,7 @@ def _oracle_violations(model, prompts, results) -> dict:
         final, exits = no_cache_forward(model, sequence)
         with torch.no_grad():
             conf = {d: model.exit_heads[str(d)].confidence(captured[d])[:, 0] for d in depths}
-        for i, (token, depth) in enumerate(zip(result.tokens, result.exit_layers)):
+        for i, (token, depth) in enumerate(zip(result.tokens, result.exit_depths)):
             position = len(prompt) - 1 + i
             values = {d: float(conf[d][position]) for d in depths}
             if any(abs(v - THRESHOLD) < 1e-4 for v in values.values()):
@@ -92,7 +92,7 @@ def _projection_counts(model, prompt, measure: str) -> dict:
     tokens, pads = left_pad([prompt], 0)
     cache = engine.new_cache(pads, MAX_SEQ)
     policy = KVRecompute(
-        ExitPolicy(threshold=THRESHOLD, measure=measure), sorted(engine.exit_configs)
+        ExitPolicy(threshold=THRESHOLD, measure=measure), sorted(engine.exits)
     )
     state = DecodeState(tokens, torch.ones(1, dtype=torch.bool), RowSampler(0.0, 0, 0.0, [0]))
     early = 0
@@ -119,9 +119,9 @@ def learned_worker(rank: int, world_size: int) -> dict:
             "full": full,
             "never": [r.tokens for r in generate(model, prompts, _params(threshold=1.0))],
             "zero": sorted(
-                {d for r in generate(model, prompts, _params(threshold=0.0)) for d in r.exit_layers}
+                {d for r in generate(model, prompts, _params(threshold=0.0)) for d in r.exit_depths}
             ),
-            "depths": sorted({d for r in results for d in r.exit_layers}),
+            "depths": sorted({d for r in results for d in r.exit_depths}),
             "oracle": _oracle_violations(model, prompts, results),
             "speculative": [
                 r.tokens for r in generate(model, prompts, _params(method="speculative"))

@@ -41,11 +41,11 @@ def _build(family: str, tp: int, pp: int):
 
 
 def _decode_all(model, prompts, method: str) -> dict:
-    """Every decoding the tests compare, as {name: [(tokens, exit_layers), ...]}."""
+    """Every decoding the tests compare, as {name: [(tokens, exit_depths), ...]}."""
     from megatron.early_exit.inference.generate import generate
 
     def run(rows, **kwargs):
-        return [(r.tokens, r.exit_layers) for r in generate(model, rows, _params(**kwargs))]
+        return [(r.tokens, r.exit_depths) for r in generate(model, rows, _params(**kwargs))]
 
     early = run(prompts, method=method, threshold=THRESHOLD)
     eos = early[0][0][3]
@@ -54,7 +54,7 @@ def _decode_all(model, prompts, method: str) -> dict:
         "never": run(prompts, method=method, threshold=1.0),
         "early": early,
         "early_alone": [run([p], method=method, threshold=THRESHOLD)[0] for p in prompts[:2]],
-        "late_exits_only": run(prompts, method=method, threshold=THRESHOLD, exit_layers=[3, 4]),
+        "late_exits_only": run(prompts, method=method, threshold=THRESHOLD, depths=[3, 4]),
         "zero": run(prompts, method=method, threshold=0.0),
         "sampled": run(prompts[:3], method=method, threshold=THRESHOLD, **SAMPLING),
         "eos": run(prompts[:2], method=method, threshold=THRESHOLD, eos_token_ids=(eos,)),

@@ -25,7 +25,7 @@ class Recorder:
         self.fake = fake
         self.tokenizer = fake.tokenizer
         self.num_layers = fake.num_layers
-        self.exit_layers = fake.exit_layers
+        self.exit_depths = fake.exit_depths
         self.max_sequence_length = fake.max_sequence_length
         self.decoding_methods = fake.decoding_methods
         self.calls: list = []
@@ -56,7 +56,7 @@ def _direct_phase(generator, group) -> dict:
         prompts=("xyz",),
         max_new_tokens=7,
         stop_strings=("y",),
-        early_exit=ExitPolicy(threshold=0.0, exit_layers=[4]),
+        early_exit=ExitPolicy(threshold=0.0, depths=[4]),
     )
     texts = [result.text for result in broadcasting.generate(first)]
     streamed = list(broadcasting.stream(second))

@@ -91,7 +91,7 @@ def test_agreement_pools_over_prompts():
 
 def test_exit_statistics():
     stats = metrics.exit_statistics([[1, 4, 4], [2], []])
-    assert stats.mean_exit_layer == pytest.approx((1 + 4 + 4 + 2) / 4)
+    assert stats.mean_exit_depth == pytest.approx((1 + 4 + 4 + 2) / 4)
     assert stats.shares == {1: 0.25, 2: 0.25, 4: 0.5}
     assert list(stats.shares) == [1, 2, 4]
     with pytest.raises(ValueError):
@@ -346,7 +346,7 @@ def test_hf_runner_pads_left_and_applies_our_eos_rule():
     runner = HFRunner(model, batch_size=2, max_new_tokens=4, pad_id=0, eos_id=None)
     assert model.generation_config.eos_token_id is None  # never stop early
     out = runner([[5, 6, 7], [8], [9, 9]])
-    assert out.exit_layers is None
+    assert out.exit_depths is None
     assert out.tokens == [[100, 7, 100, 100], [101, 7, 100, 100], [100, 7, 100, 100]]
     ids, mask, kwargs = model.inputs[0]
     assert ids == [[5, 6, 7], [0, 0, 8]] and mask == [[1, 1, 1], [0, 0, 1]]

@@ -86,11 +86,11 @@ def test_threshold_zero_always_exits_and_one_needs_certainty():
 
 def test_disallowed_layer_never_exits():
     logits = torch.tensor([[100.0, 0.0], [100.0, 0.0]])
-    policy = ExitPolicy(threshold=0.0, exit_layers=[4])
+    policy = ExitPolicy(threshold=0.0, depths=[4])
     assert not should_exit(2, logits, policy).any()
     assert should_exit(4, logits, policy).all()
-    assert ExitPolicy(exit_layers=[]).exit_layers is None  # empty means all exits
-    assert ExitPolicy(exit_layers=None).allows(7)
+    assert ExitPolicy(depths=[]).depths is None  # empty means all exits
+    assert ExitPolicy(depths=None).allows(7)
 
 
 def test_inactive_rows_never_exit():
@@ -120,14 +120,14 @@ def test_policy_rejects_bad_thresholds(threshold):
 def test_policy_validation_and_normalisation():
     assert ExitPolicy(threshold=1).threshold == 1.0
     assert isinstance(ExitPolicy(threshold=0).threshold, float)
-    assert ExitPolicy(exit_layers=[2, 4, 2]).exit_layers == frozenset({2, 4})
+    assert ExitPolicy(depths=[2, 4, 2]).depths == frozenset({2, 4})
     with pytest.raises(ValueError, match="measure"):
         ExitPolicy(measure="perplexity")
     with pytest.raises(ValueError, match="positive"):
-        ExitPolicy(exit_layers=[0, 2])
+        ExitPolicy(depths=[0, 2])
     with pytest.raises(ValueError, match=r"\[6\]"):
-        ExitPolicy(exit_layers=[2, 6]).check_model_exits([2, 4])
-    ExitPolicy(exit_layers=[2]).check_model_exits([2, 4])
+        ExitPolicy(depths=[2, 6]).check_model_exits([2, 4])
+    ExitPolicy(depths=[2]).check_model_exits([2, 4])
     with pytest.raises(AttributeError):
         ExitPolicy().threshold = 0.5  # frozen
 
@@ -135,13 +135,13 @@ def test_policy_validation_and_normalisation():
 def test_first_exit_wins_per_row():
     fired_at_2 = torch.tensor([True, False, False, True])
     fired_at_4 = torch.tensor([True, True, False, False])
-    result = first_exit([2, 4], [fired_at_2, fired_at_4], final_layer=8)
-    assert result.exit_layer.tolist() == [2, 4, 8, 2]
+    result = first_exit([2, 4], [fired_at_2, fired_at_4], final_depth=8)
+    assert result.depth.tolist() == [2, 4, 8, 2]
     assert result.index.tolist() == [0, 1, 2, 0]
     with pytest.raises(ValueError, match="increasing"):
-        first_exit([4, 2], [fired_at_2, fired_at_4], final_layer=8)
+        first_exit([4, 2], [fired_at_2, fired_at_4], final_depth=8)
     with pytest.raises(ValueError, match="fired masks"):
-        first_exit([2, 4], [fired_at_2], final_layer=8)
+        first_exit([2, 4], [fired_at_2], final_depth=8)
 
 
 def test_decide_step_exits_each_row_once_at_its_first_qualifying_exit():
@@ -152,9 +152,9 @@ def test_decide_step_exits_each_row_once_at_its_first_qualifying_exit():
     deep = torch.stack([row_confident_early, torch.tensor([10.0, 0.0, 0.0]), row_finished])
     active = torch.tensor([True, True, False])
     result = decide_step([(2, shallow), (4, deep)], ExitPolicy(threshold=0.9), 6, active)
-    assert result.exit_layer.tolist() == [2, 4, 6]
-    restricted = ExitPolicy(threshold=0.9, exit_layers=[4])
-    assert decide_step([(2, shallow), (4, deep)], restricted, 6).exit_layer.tolist() == [4, 4, 4]
+    assert result.depth.tolist() == [2, 4, 6]
+    restricted = ExitPolicy(threshold=0.9, depths=[4])
+    assert decide_step([(2, shallow), (4, deep)], restricted, 6).depth.tolist() == [4, 4, 4]
 
 
 def test_top_prediction():

@@ -100,7 +100,7 @@ def test_use_early_exit_is_a_strict_boolean():
     assert _generate_params().early_exit is None
     assert _generate_params(use_early_exit=False, early_exit_thres=0.3).early_exit is None
     policy = _generate_params(use_early_exit=True).early_exit
-    assert policy == ExitPolicy(threshold=0.8, measure="max_prob", exit_layers=None)
+    assert policy == ExitPolicy(threshold=0.8, measure="max_prob", depths=None)
     for not_a_bool in ("false", "true", 0, 1, None):
         assert _generate_error({"prompts": "a", "use_early_exit": not_a_bool})["field"] == (
             "use_early_exit"
@@ -112,9 +112,9 @@ def test_use_early_exit_is_a_strict_boolean():
 
 def test_exit_layers_measure_and_method():
     params = _generate_params(use_early_exit=True, exit_layers=[4, 2], early_exit_measure="entropy")
-    assert params.early_exit.exit_layers == frozenset({2, 4})
+    assert params.early_exit.depths == frozenset({2, 4})
     assert params.early_exit.measure == "entropy"
-    assert _generate_params(use_early_exit=True, exit_layers=[]).early_exit.exit_layers is None
+    assert _generate_params(use_early_exit=True, exit_layers=[]).early_exit.depths is None
     assert _generate_params(early_exit_method="speculative").decoding_method == "speculative"
     assert _generate_error({"prompts": "a", "exit_layers": [0]})["field"] == "exit_layers.0"
     assert _generate_error({"prompts": "a", "exit_layers": [-2]})["field"] == "exit_layers.0"
@@ -257,7 +257,7 @@ def test_completion_early_exit_object():
     assert policy().early_exit == ExitPolicy()
     assert policy(enabled=False, threshold=0.2).early_exit is None
     enabled = policy(threshold=1, exit_layers=[3], measure="margin", method="recompute")
-    assert enabled.early_exit == ExitPolicy(threshold=1.0, measure="margin", exit_layers=[3])
+    assert enabled.early_exit == ExitPolicy(threshold=1.0, measure="margin", depths=[3])
     assert enabled.decoding_method == "recompute"
     for options, field in [
         ({"threshold": 1.2}, "early_exit.threshold"),

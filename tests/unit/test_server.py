@@ -52,7 +52,7 @@ def expected_text(prompt: str, num_tokens: int) -> str:
 def make_service(**fake_kwargs) -> tuple[GenerationService, FakeGenerator]:
     fake_kwargs.setdefault("max_sequence_length", MAX_SEQUENCE)
     fake_kwargs.setdefault("decoding_methods", ("auto", "recompute", "speculative"))
-    fake = FakeGenerator(num_layers=NUM_LAYERS, exit_layers=EXITS, **fake_kwargs)
+    fake = FakeGenerator(num_layers=NUM_LAYERS, exit_depths=EXITS, **fake_kwargs)
     return GenerationService(fake, LIMITS, model_name="fake-ee"), fake
 
 

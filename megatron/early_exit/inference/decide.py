@@ -96,14 +96,14 @@ def top_prediction(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens, probs
 
 
-def _normalise_exit_layers(exit_layers: Iterable[int] | None) -> frozenset[int] | None:
-    if exit_layers is None:
+def _normalise_depths(depths: Iterable[int] | None) -> frozenset[int] | None:
+    if depths is None:
         return None
-    layers = frozenset(exit_layers)
-    for layer in layers:
-        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:
-            raise ValueError(f"exit_layers must be positive integers, got {layer!r}")
-    return layers or None
+    depths = frozenset(depths)
+    for depth in depths:
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"exit depths must be positive integers, got {depth!r}")
+    return depths or None
 
 
 @dataclass(frozen=True)
@@ -120,8 +120,9 @@ class ExitPolicy:
     """Confidence threshold in [0, 1]."""
     measure: str = DEFAULT_CONFIDENCE_MEASURE
     """Confidence measure, one of ``CONFIDENCE_MEASURES``."""
-    exit_layers: frozenset[int] | None = None
-    """Layer numbers of the exits allowed to fire; None (or empty) allows all exits."""
+    depths: frozenset[int] | None = None
+    """Depths of the exits allowed to fire; None (or empty) allows all exits. (The API calls
+    this field ``exit_layers``; ``server/protocol.py`` maps it.)"""
 
     def __post_init__(self) -> None:
         threshold = self.threshold
@@ -132,49 +133,49 @@ class ExitPolicy:
         if self.measure not in CONFIDENCE_MEASURES:
             raise ValueError(f"measure must be one of {CONFIDENCE_MEASURES}, got {self.measure!r}")
         object.__setattr__(self, "threshold", float(threshold))
-        object.__setattr__(self, "exit_layers", _normalise_exit_layers(self.exit_layers))
+        object.__setattr__(self, "depths", _normalise_depths(self.depths))
 
-    def allows(self, exit_layer: int) -> bool:
-        """Whether the exit after layer ``exit_layer`` may fire under this policy."""
-        return self.exit_layers is None or exit_layer in self.exit_layers
+    def allows(self, depth: int) -> bool:
+        """Whether the exit at ``depth`` may fire under this policy."""
+        return self.depths is None or depth in self.depths
 
-    def check_model_exits(self, model_exit_layers: Iterable[int]) -> None:
+    def check_model_exits(self, model_depths: Iterable[int]) -> None:
         """Raise ``ValueError`` if the policy names exits the model does not have."""
-        if self.exit_layers is None:
+        if self.depths is None:
             return
-        unknown = sorted(self.exit_layers - set(model_exit_layers))
+        unknown = sorted(self.depths - set(model_depths))
         if unknown:
             raise ValueError(
-                f"exit_layers {unknown} are not exits of this model "
-                f"(model exits: {sorted(model_exit_layers)})"
+                f"exit layers {unknown} are not exits of this model "
+                f"(model exits: {sorted(model_depths)})"
             )
 
 
 def should_exit(
-    exit_layer: int,
+    depth: int,
     logits: torch.Tensor,
     policy: ExitPolicy,
     active_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-row exit decision at the exit after layer ``exit_layer``: ``BoolTensor[b]``.
+    """Per-row exit decision at the exit at ``depth``: ``BoolTensor[b]``.
 
     Args:
-        exit_layer: layer number the exit follows.
+        depth: the exit's depth (backbone layers below it).
         logits: ``[b, V]`` exit logits at the current position of each row (untempered).
         policy: the request's settings.
         active_mask: ``BoolTensor[b]``; rows with False (finished, or already exited at an earlier
             exit this step) never exit. None means all rows are active.
     """
     _check_logits(logits)
-    if policy.threshold <= 0.0 or not policy.allows(exit_layer):
+    if policy.threshold <= 0.0 or not policy.allows(depth):
         values = torch.zeros(logits.shape[0])  # not needed: the mask is decided without it
     else:
         values = confidence(logits, policy.measure)
-    return exit_mask(exit_layer, values, policy, active_mask)
+    return exit_mask(depth, values, policy, active_mask)
 
 
 def exit_mask(
-    exit_layer: int,
+    depth: int,
     confidence_values: torch.Tensor,
     policy: ExitPolicy,
     active_mask: torch.Tensor | None = None,
@@ -187,7 +188,7 @@ def exit_mask(
     if active_mask.shape != (batch_size,):
         raise ValueError(f"active_mask must have shape [{batch_size}], got {active_mask.shape}")
     active_mask = active_mask.bool().cpu()
-    if not policy.allows(exit_layer):
+    if not policy.allows(depth):
         return torch.zeros_like(active_mask)
     if policy.threshold <= 0.0:
         return active_mask.clone()
@@ -197,53 +198,53 @@ def exit_mask(
 class FirstExit(NamedTuple):
     """Which exit produced each row's token in one step."""
 
-    exit_layer: torch.Tensor
-    """``LongTensor[b]``: the layer number of the first exit that fired, or ``final_layer``."""
+    depth: torch.Tensor
+    """``LongTensor[b]``: the depth of the first exit that fired, or ``final_depth``."""
     index: torch.Tensor
-    """``LongTensor[b]``: its position in the exit list; ``len(exit_layers)`` for the final head."""
+    """``LongTensor[b]``: its position in the exit list; ``len(depths)`` for the final head."""
 
 
 def first_exit(
-    exit_layers: Sequence[int], fired: Sequence[torch.Tensor], final_layer: int
+    depths: Sequence[int], fired: Sequence[torch.Tensor], final_depth: int
 ) -> FirstExit:
     """Apply "first qualifying exit wins" to each row, vectorised.
 
     Args:
-        exit_layers: layer numbers of the exits reached this step, in increasing order.
-        fired: one ``BoolTensor[b]`` per exit in ``exit_layers`` (e.g. from ``should_exit``).
-        final_layer: the model's number of layers, reported for rows that no exit took.
+        depths: depths of the exits reached this step, in increasing order.
+        fired: one ``BoolTensor[b]`` per exit in ``depths`` (e.g. from ``should_exit``).
+        final_depth: the model's number of layers, reported for rows that no exit took.
     """
-    if len(exit_layers) != len(fired):
-        raise ValueError(f"got {len(fired)} fired masks for {len(exit_layers)} exit layers")
-    if list(exit_layers) != sorted(set(exit_layers)):
-        raise ValueError(f"exit_layers must be strictly increasing, got {list(exit_layers)}")
+    if len(depths) != len(fired):
+        raise ValueError(f"got {len(fired)} fired masks for {len(depths)} exits")
+    if list(depths) != sorted(set(depths)):
+        raise ValueError(f"exit depths must be strictly increasing, got {list(depths)}")
     if not fired:
         raise ValueError("first_exit needs at least one exit; use the final head directly")
     device = fired[0].device
     always = torch.ones_like(fired[0], dtype=torch.bool)
     stacked = torch.stack([*fired, always]).to(torch.uint8)  # [num_exits + 1, b]
     index = stacked.argmax(dim=0)  # argmax returns the first maximum: the earliest exit
-    layers = torch.tensor([*exit_layers, final_layer], dtype=torch.long, device=device)
-    return FirstExit(exit_layer=layers[index], index=index)
+    all_depths = torch.tensor([*depths, final_depth], dtype=torch.long, device=device)
+    return FirstExit(depth=all_depths[index], index=index)
 
 
 def decide_step(
     exit_logits: Sequence[tuple[int, torch.Tensor]],
     policy: ExitPolicy,
-    final_layer: int,
+    final_depth: int,
     active_mask: torch.Tensor | None = None,
 ) -> FirstExit:
     """Decide one step from all exits' logits, in order; a row exits at most once.
 
-    ``exit_logits`` holds ``(exit_layer, logits[b, V])`` pairs in increasing layer order. Rows that
-    are inactive (``active_mask`` False) are reported at ``final_layer``.
+    ``exit_logits`` holds ``(depth, logits[b, V])`` pairs in increasing depth. Rows that
+    are inactive (``active_mask`` False) are reported at ``final_depth``.
     """
     if not exit_logits:
-        raise ValueError("decide_step needs at least one (exit_layer, logits) pair")
+        raise ValueError("decide_step needs at least one (depth, logits) pair")
     still_active = active_mask
     fired = []
-    for exit_layer, logits in exit_logits:
-        fired_here = should_exit(exit_layer, logits, policy, still_active)
+    for depth, logits in exit_logits:
+        fired_here = should_exit(depth, logits, policy, still_active)
         still_active = ~fired_here if still_active is None else still_active & ~fired_here
         fired.append(fired_here)
-    return first_exit([layer for layer, _ in exit_logits], fired, final_layer)
+    return first_exit([depth for depth, _ in exit_logits], fired, final_depth)

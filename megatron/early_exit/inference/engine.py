@@ -41,7 +41,7 @@ class ExitView:
 
     def __init__(self, engine: Engine, depth: int, states_fn: Callable[[], torch.Tensor]):
         self.depth = depth
-        self.head = engine.model.exit_heads[engine.exit_configs[depth].key]
+        self.head = engine.model.exit_heads[engine.exits[depth].key]
         self._engine = engine
         self._states_fn = states_fn
         self._states: torch.Tensor | None = None
@@ -60,7 +60,7 @@ class ExitView:
         if self._logits is None:
             head = self.head
             weight = None if head.exit_config.untied else self._engine.model.tied_exit_weight()
-            logits, _ = head.output_layer(self.states, weight=weight, runtime_gather_output=True)
+            logits = head.project(self.states, weight, runtime_gather_output=True)
             self._logits = logits.transpose(0, 1).float()  # [m, b, V] -> [b, m, V]
             self._engine.counts["exit_projections"] += 1
         return self._logits
@@ -127,7 +127,8 @@ class Engine:
         self.counts: Counter[str] = Counter()
         """Work done so far: ``layer_positions`` (positions x layers run), ``exit_projections``,
         ``final_projections``, ``confidence_heads`` (the benchmark's cost accounting)."""
-        self.exit_configs = {e.depth: e for e in model.local_exit_configs}
+        self.exits = {e.depth: e for e in model.local_exit_configs}
+        """This stage's exits by depth."""
         self.uses_rope = getattr(model, "position_embedding_type", "") == "rope"
 
     def new_cache(self, pad_lengths: torch.Tensor, max_sequence_length: int) -> KVCache:
@@ -207,7 +208,7 @@ class Engine:
         """The exit at ``depth`` over the last ``num_logits`` chunk positions. A block exit's
         layer runs now on every position (it writes the exit's KV slot); other transforms wait
         until the caller asks."""
-        head = self.model.exit_heads[self.exit_configs[depth].key]
+        head = self.model.exit_heads[self.exits[depth].key]
         if isinstance(head, BlockExit):
             layer_inputs = LayerInputs(**self._layer_inputs(cache, start, hidden))
             states = head.transform(hidden, layer_inputs)[-num_logits:]

@@ -6,8 +6,8 @@ and attention mask, so a row decodes the same tokens batched or alone. Every TP 
 and (with the same seeds) draw the same samples.
 
 Exits are named by depth (the number of backbone layers below the exit, = the layer number a
-post-exit follows); ``ExitPolicy.exit_layers`` uses the same numbers, and a token's reported
-exit layer is the depth of the head that chose it (``num_layers`` for the final head).
+post-exit follows); ``ExitPolicy.depths`` uses the same numbers, and a token's reported
+exit depth is the depth of the head that chose it (``num_layers`` for the final head).
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class GenerationResult:
     tokens: list[int]
     logprobs: list[float]
     """Log-prob of each emitted token under the head that chose it (see ``sampling.sample``)."""
-    exit_layers: list[int]
+    exit_depths: list[int]
     """Depth of the head that chose each token; ``num_layers`` for the final head."""
     finish_reason: str
     """``eos``, ``stop`` or ``length``."""
@@ -90,7 +90,7 @@ def build_policy(engine: Engine, params: GenerationParams) -> KVFillPolicy:
     """The KV-fill policy object for ``params``."""
     if not params.early_exit:
         return FullDepth()
-    depths = sorted(engine.exit_configs)
+    depths = sorted(engine.exits)
     params.exit_policy.check_model_exits(depths)
     allowed = [d for d in depths if params.exit_policy.allows(d)]
     if params.method == "recompute":
@@ -167,7 +167,7 @@ class _Recorder:
         self.num_columns = 0
         self.stop = StopChecker(batch_size, params.eos_token_ids, params.stop_strings)
         self.rows: list[dict[str, list]] = [
-            {"tokens": [], "logprobs": [], "exit_layers": []} for _ in range(batch_size)
+            {"tokens": [], "logprobs": [], "exit_depths": []} for _ in range(batch_size)
         ]
 
     def add(self, emitted: Emitted, active: torch.Tensor) -> torch.Tensor:
@@ -180,7 +180,7 @@ class _Recorder:
                 record = self.rows[row]
                 record["tokens"].append(int(emitted.tokens[row, column]))
                 record["logprobs"].append(float(emitted.logprobs[row, column]))
-                record["exit_layers"].append(int(emitted.exit_depths[row, column]))
+                record["exit_depths"].append(int(emitted.exit_depths[row, column]))
             active &= ~self.stop.update(emitted.tokens[:, column], self._texts())
             self.num_columns += 1
             if self.num_columns >= self.params.max_new_tokens:
@@ -207,7 +207,7 @@ class _Recorder:
                 GenerationResult(
                     tokens=tokens,
                     logprobs=record["logprobs"][:num_tokens],
-                    exit_layers=record["exit_layers"][:num_tokens],
+                    exit_depths=record["exit_depths"][:num_tokens],
                     finish_reason=self.stop.reason[row] or "length",
                     text=text,
                 )

@@ -117,7 +117,7 @@ class _StageRunner:
         self.batch_size = state.active.shape[0]
         self.hidden_shape = (self.batch_size, config.hidden_size)
         self.hidden_dtype = config.params_dtype
-        self.local_exits = tuple(d for d in exit_depths if d in engine.exit_configs)
+        self.local_exits = tuple(d for d in exit_depths if d in engine.exits)
         self.reporting = reporting_stages(config, exit_depths)
 
     # ------------------------------------------------------------------ one stage's step

@@ -54,7 +54,7 @@ class EngineGenerator:
         return self.model.config.num_layers
 
     @property
-    def exit_layers(self) -> tuple[int, ...]:
+    def exit_depths(self) -> tuple[int, ...]:
         return tuple(e.depth for e in self.model.config.exit_heads)
 
     @property
@@ -109,7 +109,7 @@ class EngineGenerator:
             text=text,
             token_ids=tuple(result.tokens),
             segments=tuple(pieces),
-            exit_layers=tuple(result.exit_layers),
+            exit_depths=tuple(result.exit_depths),
             logprobs=tuple(result.logprobs) if params.return_logprobs else None,
             finish_reason=result.finish_reason,
         )

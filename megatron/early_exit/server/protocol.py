@@ -352,7 +352,7 @@ def params_from_generate(request: GenerateRequest) -> GenerationRequest:
         policy = ExitPolicy(
             threshold=request.early_exit_thres,
             measure=request.early_exit_measure,
-            exit_layers=request.exit_layers,
+            depths=request.exit_layers,
         )
     return GenerationRequest(
         prompts=tuple(request.prompts),
@@ -378,7 +378,7 @@ def params_from_completion(request: CompletionRequest) -> GenerationRequest:
     policy = None
     if options is not None and options.enabled:
         policy = ExitPolicy(
-            threshold=options.threshold, measure=options.measure, exit_layers=options.exit_layers
+            threshold=options.threshold, measure=options.measure, depths=options.exit_layers
         )
     return GenerationRequest(
         prompts=tuple(request.prompt),

@@ -73,7 +73,7 @@ class TokenEvent:
     token_id: int
     text: str
     """The token's text: the growth of the detokenized generated text (before stop truncation)."""
-    exit_layer: int
+    exit_depth: int
     """Layer of the exit that produced the token; the final head reports ``num_layers``."""
     logprob: float | None = None
     top_logprobs: Mapping[str, float] | None = None
@@ -92,7 +92,7 @@ class PromptCompletion:
     """Kept generated tokens (an EOS token is dropped; a token completing a stop string kept)."""
     segments: tuple[str, ...]
     """Text of each kept token."""
-    exit_layers: tuple[int, ...]
+    exit_depths: tuple[int, ...]
     """Exit layer of each kept token."""
     logprobs: tuple[float, ...] | None = None
     """Log-prob of each kept token when ``return_logprobs``."""
@@ -116,7 +116,7 @@ class TextGenerator(Protocol):
         ...
 
     @property
-    def exit_layers(self) -> tuple[int, ...]:
+    def exit_depths(self) -> tuple[int, ...]:
         """Layers the model's exits follow, increasing."""
         ...
 
@@ -143,13 +143,13 @@ def stream_from_results(results: Iterable[PromptCompletion]) -> Iterator[StreamI
     """Events of finished results (for generators that cannot stream: tokens arrive at the end)."""
     for result in results:
         for position, (token_id, piece, layer) in enumerate(
-            zip(result.token_ids, result.segments, result.exit_layers, strict=True)
+            zip(result.token_ids, result.segments, result.exit_depths, strict=True)
         ):
             yield TokenEvent(
                 index=result.index,
                 token_id=token_id,
                 text=piece,
-                exit_layer=layer,
+                exit_depth=layer,
                 logprob=result.logprobs[position] if result.logprobs else None,
                 top_logprobs=result.top_logprobs[position] if result.top_logprobs else None,
             )
@@ -264,7 +264,7 @@ class GenerationService:
             )
         if params.early_exit is not None:
             try:
-                params.early_exit.check_model_exits(self.generator.exit_layers)
+                params.early_exit.check_model_exits(self.generator.exit_depths)
             except ValueError as error:
                 raise RequestError(fields.exit_layers, str(error)) from None
             measures = getattr(self.generator, "confidence_measures", None)
@@ -365,7 +365,7 @@ class GenerationService:
             text=texts,
             segments=segments,
             logprobs=[list(r.logprobs or ()) for r in results] if params.return_logprobs else None,
-            exit_layers=[list(result.exit_layers) for result in results],
+            exit_layers=[list(result.exit_depths) for result in results],
             request_time=elapsed,
         )
 
@@ -384,7 +384,7 @@ class GenerationService:
                     text=prefix + result.text,
                     finish_reason=_openai_finish_reason(result.finish_reason),
                     logprobs=_choice_logprobs(result, params, len(prefix)),
-                    exit_layers=list(result.exit_layers),
+                    exit_layers=list(result.exit_depths),
                 )
             )
         self._log(params, "complete", time.perf_counter() - start)
@@ -440,7 +440,7 @@ class GenerationService:
             "status": "ok",
             "model": self.model_name,
             "num_layers": self.generator.num_layers,
-            "exit_layers": list(self.generator.exit_layers),
+            "exit_layers": list(self.generator.exit_depths),
             "max_sequence_length": self.generator.max_sequence_length,
             "limits": dataclasses.asdict(self.limits),
             "requests": counters,
@@ -575,7 +575,7 @@ class _ChunkAssembler:
                 index=index,
                 text=self._raw[index][sent:release],
                 logprobs=logprobs,
-                exit_layers=[item.exit_layer],
+                exit_layers=[item.exit_depth],
             )
         )
 
@@ -615,7 +615,7 @@ class FakeGenerator:
         tokenizer: Tokenizer | None = None,
         *,
         num_layers: int = 8,
-        exit_layers: Sequence[int] = (2, 4, 6),
+        exit_depths: Sequence[int] = (2, 4, 6),
         script: Callable[[str], str] = _default_script,
         delay_s: float = 0.0,
         max_sequence_length: int | None = None,
@@ -628,7 +628,7 @@ class FakeGenerator:
             tokenizer = ByteLevelTokenizer()
         self.tokenizer = tokenizer
         self.num_layers = num_layers
-        self.exit_layers = tuple(exit_layers)
+        self.exit_depths = tuple(exit_depths)
         self.max_sequence_length = max_sequence_length
         self.decoding_methods = tuple(decoding_methods)
         self.script = script
@@ -639,13 +639,13 @@ class FakeGenerator:
         self.max_active = 0
         self._lock = threading.Lock()
 
-    def exit_layer_for(self, token_id: int, params: GenerationRequest) -> int:
+    def exit_depth_for(self, token_id: int, params: GenerationRequest) -> int:
         """The fake exit decision for one token."""
         policy = params.early_exit
         if policy is None:
             return self.num_layers
         base = (token_id * 37 % 100) / 100
-        allowed = [layer for layer in self.exit_layers if policy.allows(layer)]
+        allowed = [layer for layer in self.exit_depths if policy.allows(layer)]
         for k, layer in enumerate(allowed):
             if min(0.99, base + 0.15 * k) >= policy.threshold:
                 return layer
@@ -714,7 +714,7 @@ class _FakeRow:
             index=index,
             token_id=token_id,
             text=piece,
-            exit_layer=fake.exit_layer_for(token_id, params),
+            exit_depth=fake.exit_depth_for(token_id, params),
             logprob=logprob if params.return_logprobs else None,
             top_logprobs={piece: logprob} if params.num_top_logprobs else None,
         )
@@ -734,7 +734,7 @@ class _FakeRow:
             text=text,
             token_ids=tuple(event.token_id for event in kept),
             segments=tuple(event.text for event in kept),
-            exit_layers=tuple(event.exit_layer for event in kept),
+            exit_depths=tuple(event.exit_depth for event in kept),
             logprobs=tuple(event.logprob for event in kept) if with_logprobs else None,
             top_logprobs=tuple(event.top_logprobs for event in kept) if with_top else None,
             finish_reason=reason,

@@ -86,8 +86,8 @@ class BroadcastingGenerator:
         return self.local.num_layers
 
     @property
-    def exit_layers(self) -> tuple[int, ...]:
-        return self.local.exit_layers
+    def exit_depths(self) -> tuple[int, ...]:
+        return self.local.exit_depths
 
     @property
     def max_sequence_length(self) -> int | None:

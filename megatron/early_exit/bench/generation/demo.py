@@ -86,7 +86,7 @@ def main(argv=None) -> int:
         print(f"\nprompt:     {text}")
         print(f"full:       {loaded.tokenizer.detokenize(full.tokens)!r}")
         print(f"early exit: {loaded.tokenizer.detokenize(early.tokens)!r}")
-        print(f"exit layers {early.exit_layers}")
+        print(f"exit depths {early.exit_depths}")
     print(result["table"])
     return 0
 

@@ -72,7 +72,7 @@ class Outputs:
     """Generated tokens, and the exit depth of each (None for HF), per prompt in order."""
 
     tokens: list[list[int]]
-    exit_layers: list[list[int]] | None
+    exit_depths: list[list[int]] | None
 
 
 def batches(prompts: Sequence[Sequence[int]], batch_size: int) -> Iterator[Sequence[Sequence[int]]]:
@@ -150,12 +150,12 @@ class EngineRunner:
     def __call__(self, prompts: Sequence[Sequence[int]]) -> Outputs:
         from megatron.early_exit.inference.generate import generate
 
-        tokens, exit_layers = [], []
+        tokens, exit_depths = [], []
         for batch in batches(prompts, self.batch_size):
             for result in generate(self.model, batch, self.params):
                 tokens.append(result.tokens)
-                exit_layers.append(result.exit_layers)
-        return Outputs(tokens, exit_layers)
+                exit_depths.append(result.exit_depths)
+        return Outputs(tokens, exit_depths)
 
 
 # ---------------------------------------------------------------------------------------------

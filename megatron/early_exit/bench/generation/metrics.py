@@ -13,7 +13,7 @@ Output quality against the full model's greedy output (the reference), per promp
   (``P = LCS / len(c)``, ``R = LCS / len(r)``), averaged over prompts; 1.0 when both are empty.
 
 Where tokens exit: mean exit depth and the share of tokens per exit (the final head reports
-``num_layers``), from the ``exit_layers`` that ``generate`` returns.
+``num_layers``), from the ``exit_depths`` that ``generate`` returns.
 
 The **cost model** behind the ideal speed-up prices module calls. A run is summarised as a count
 of calls per :data:`CallKey` ``(module, width)``: ``module`` is ``"embedding"``, ``"layer"`` (any
@@ -131,15 +131,15 @@ def agreement(outputs: Sequence[Sequence[int]], references: Sequence[Sequence[in
 
 @dataclass(frozen=True)
 class ExitStatistics:
-    mean_exit_layer: float
+    mean_exit_depth: float
     """Mean depth of the head that produced each token (``num_layers`` for the final head)."""
     shares: dict[int, float]
     """Share of tokens per exit depth, sorted by depth; sums to 1."""
 
 
-def exit_statistics(exit_layers: Iterable[Sequence[int]]) -> ExitStatistics:
+def exit_statistics(exit_depths: Iterable[Sequence[int]]) -> ExitStatistics:
     """Mean exit depth and per-exit token shares over every token of every prompt."""
-    counts = Counter(depth for row in exit_layers for depth in row)
+    counts = Counter(depth for row in exit_depths for depth in row)
     total = sum(counts.values())
     if total == 0:
         raise ValueError("no tokens to compute exit statistics from")

@@ -61,9 +61,9 @@ def build_rows(
             "overhead_ms_per_step": None,
             "deterministic": record.deterministic,
         }
-        if record.outputs.exit_layers is not None:
-            stats = metrics.exit_statistics(record.outputs.exit_layers)
-            row["mean_exit_layer"] = stats.mean_exit_layer
+        if record.outputs.exit_depths is not None:
+            stats = metrics.exit_statistics(record.outputs.exit_depths)
+            row["mean_exit_layer"] = stats.mean_exit_depth
             row["exit_shares"] = {str(d): s for d, s in stats.shares.items()}
         if record.calls is not None:
             row["work_per_token"] = metrics.work_per_token(record.calls, tokens)
