@@ -13,7 +13,8 @@ models, the branch MLP of EE-LLM's MLP exits inside the exit layer.
 Cases: a tied LayerNorm/GPT model with the older Megatron norm names and tied norm exits on both
 stages; an untied RMSNorm/SwiGLU/GQA/RoPE model with untied block exits (two on stage 0, so the
 stage-local index matters); EE-LLM MLP exits (our block pre-exits sharing layer L's attention);
-tied head-only pre-exits. Then the refusals, and the CLI end to end.
+tied head-only pre-exits. Two converted checkpoints are then loaded by two ranks at TP=2 and at
+PP=2 and give the same logits. Then the refusals, and the CLI end to end.
 """
 
 from __future__ import annotations
@@ -298,6 +299,7 @@ def _case_checks(case: str, root: Path) -> dict:
     config, model = _source_model(case)
     legacy = write_legacy_checkpoint(root / f"{case}_legacy", case, config, model)
     expected = _logits(model)
+    torch.save(expected, root / f"{case}_expected.pt")
     legacy_to_megatron(legacy, root / f"{case}_ours", target_tensor_parallel_size=2,
                        target_pipeline_parallel_size=2)  # fmt: skip
     info, loaded_config, loaded = load_model(root / f"{case}_ours")
@@ -397,6 +399,26 @@ def legacy_worker(rank: int, world_size: int, root: str) -> dict:
     return out
 
 
+RESHARD_CASES = ("tied_norm", "untied_block")
+
+
+def reshard_worker(rank: int, world_size: int, root: str) -> dict:
+    """The converted checkpoints loaded at TP=2 and at PP=2 (tied exits on stage 1 included)."""
+    from megatron.early_exit.checkpoint.loading import Layout, load_for_inference
+    from tests.distributed.test_checkpointing import _chained_logits
+    from tests.helpers import make_batch, relative_error
+
+    out = {}
+    for layout in (Layout(2, 1), Layout(1, 2)):
+        for case in RESHARD_CASES:
+            expected = torch.load(Path(root) / f"{case}_expected.pt")
+            loaded = load_for_inference(Path(root) / f"{case}_ours", layout, tokenizer=False)
+            got = _chained_logits(loaded.model, make_batch(seed=4))
+            name = f"{case}/tp{layout.tensor_parallel_size}pp{layout.pipeline_parallel_size}"
+            out[name] = (sorted(got), max(relative_error(got[k], v) for k, v in expected.items()))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Tests
 # ---------------------------------------------------------------------------------------------
@@ -422,6 +444,19 @@ def test_imported_checkpoint_reproduces_every_head(results, case):
     assert all(v < TOL for v in got["max_abs"].values()), got["max_abs"]
     assert got["tensors_unequal"] == []
     assert got["exit_heads_equal"]
+
+
+@pytest.fixture(scope="module")
+def resharded(results, workdir) -> dict:
+    return run_distributed(reshard_worker, 2, str(workdir))[0]
+
+
+@pytest.mark.parametrize("case", RESHARD_CASES)
+@pytest.mark.parametrize("layout", ["tp2pp1", "tp1pp2"])
+def test_imported_checkpoint_loads_at_other_layouts(resharded, results, case, layout):
+    heads, error = resharded[f"{case}/{layout}"]
+    assert heads == results[case]["heads"]
+    assert error < TOL, error
 
 
 @pytest.mark.parametrize("case", CASES)
