@@ -372,6 +372,7 @@ def _error_checks(root: Path) -> dict:
         state["args"].use_exit_mlp = True
         state["args"].use_exit_block = True
         state["args"].transformer_impl = "transformer_engine"
+        state["args"].apply_layernorm_1p = True
 
     out["unmappable_args"] = _error(
         legacy_to_model, _rewrite(base, root / "args", unmappable, rank="mp_rank_00_000")
@@ -494,6 +495,7 @@ def test_refusals_name_the_problem(results):
     args = errors["unmappable_args"]
     assert "use_exit_mlp and args.use_exit_block" in args
     assert "transformer_impl='transformer_engine'" in args
+    assert "apply_layernorm_1p=True" in args and "3 problem(s)" in args
     assert "differs from the word embedding" in errors["diverged_copy"]
     partial = errors["partial_stages"]
     assert "mp_rank_00_001, mp_rank_01_001 are missing" in partial

@@ -331,6 +331,8 @@ def _unsupported_arg_problems(args, version: float) -> list[str]:
          "only learned_absolute and rope position embeddings are supported"),
         ("expert_model_parallel_size", lambda v: v not in (None, 1),
          "expert parallelism is not supported"),
+        ("apply_layernorm_1p", bool,
+         "zero-centred-gamma norms are not supported by the local layer spec the tools build"),
     )  # fmt: skip
     for name, bad, why in rules:
         value = getattr(args, name, None)
@@ -460,7 +462,6 @@ def legacy_model(args: argparse.Namespace, checkpoint_version: float = 3.0) -> L
         kv_channels=_get(args, "kv_channels", None) or hidden // heads,
         normalization=_get(args, "normalization", "LayerNorm"),
         layernorm_epsilon=float(_get(args, "norm_epsilon", _get(args, "layernorm_epsilon", 1e-5))),
-        layernorm_zero_centered_gamma=bool(_get(args, "apply_layernorm_1p", False)),
         add_bias_linear=bool(_get(args, "add_bias_linear", True)),
         gated_linear_unit=gated,
         activation_func=activation,
