@@ -453,6 +453,7 @@ def legacy_model(args: argparse.Namespace, checkpoint_version: float = 3.0) -> L
     groups = None
     if _get(args, "group_query_attention", False):
         groups = _get(args, "num_query_groups", None)
+    warmup_style = _get(args, "exit_layer_weight_warmup_style", None) or "linear"
     config = dict(
         num_layers=num_layers,
         hidden_size=hidden,
@@ -474,7 +475,7 @@ def legacy_model(args: argparse.Namespace, checkpoint_version: float = 3.0) -> L
         untie_embeddings_and_output_weights=untied_model,
         exit_heads=_exit_heads(args, structure, untied_exits),
         exit_loss_weight_warmup_iters=int(_get(args, "exit_layer_weight_warmup_iters", 0) or 0),
-        exit_loss_weight_warmup_style=_get(args, "exit_layer_weight_warmup_style", "linear"),
+        exit_loss_weight_warmup_style=warmup_style,
         dynamic_exit_loss_weight=bool(_get(args, "use_dynamic_exit_layer_weight", False)),
     )  # fmt: skip
     if activation is not F.gelu:
@@ -725,7 +726,7 @@ def legacy_to_state_dict(ckpt: LegacyCheckpoint, model: LegacyModel) -> dict[str
                 for t in range(1, tp)
                 if not torch.equal(tensors[t], tensors[0])
             ]
-        out[entry.ours] = _merge(tensors, rule).clone()
+        out[entry.ours] = _merge(tensors, rule)  # loading into the model copies
     embedding = out["embedding.word_embeddings.weight"]
     for p in range(1, pp):
         copies = [ckpt.shards[(t, p)].get(_HEAD_COPY) for t in range(tp)]
