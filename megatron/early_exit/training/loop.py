@@ -49,6 +49,7 @@ class TrainingConfig:
     clip_grad: float = 1.0  # --clip-grad
     adam_beta1: float = 0.9  # --adam-beta1
     adam_beta2: float = 0.95  # --adam-beta2
+    adam_eps: float = 1e-8  # --adam-eps
     log_interval: int = 10  # --log-interval
     loss_scale: float | None = None  # --loss-scale (fp16: constant; None = dynamic)
     initial_loss_scale: float = 2.0**32  # --initial-loss-scale (fp16 dynamic scaling)
@@ -150,6 +151,7 @@ def setup_trainer(
             weight_decay=training.weight_decay,
             adam_beta1=training.adam_beta1,
             adam_beta2=training.adam_beta2,
+            adam_eps=training.adam_eps,
             clip_grad=training.clip_grad,
             use_distributed_optimizer=distributed_optimizer,
             loss_scale=training.loss_scale,
@@ -226,8 +228,10 @@ def train_step(
     trainer.model.zero_grad_buffer()
     trainer.optimizer.zero_grad()
     lm_loss, exit_losses, exit_terms = forward_backward(trainer, microbatches, fill_microbatches)
+    forward_backward_done = time.perf_counter()
     finalize_model_grads([trainer.model])
     update_successful, grad_norm, _ = trainer.optimizer.step()
+    optimizer_done = time.perf_counter()
     weights = exit_loss_weights(trainer.config, trainer.iteration)
     lr = trainer.optimizer.param_groups[0]["lr"]
     if update_successful:  # an fp16 overflow skips the update and the schedule step
@@ -242,6 +246,12 @@ def train_step(
         lr=lr,
         grad_norm=None if grad_norm is None else float(grad_norm),
         tokens_per_second=tokens / (time.perf_counter() - start),
+        extra={
+            "timers": {  # seconds (--log-timers-to-tracker)
+                "forward-backward": forward_backward_done - start,
+                "grads-reduce-and-optimizer": optimizer_done - forward_backward_done,
+            }
+        },
         exit_terms=exit_terms,
     )
 

@@ -11,9 +11,11 @@ only the layers up to the deepest exit, over K pipeline stages; see :func:`parti
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from megatron.core import parallel_state
@@ -21,7 +23,7 @@ from megatron.core import parallel_state
 from megatron.early_exit import platform
 from megatron.early_exit.checkpoint.record import config_from_checkpoint
 from megatron.early_exit.checkpoint.sharded import PartialBackbone
-from megatron.early_exit.checkpoint.store import read_checkpoint_info
+from megatron.early_exit.checkpoint.store import TRACKER_FILENAME, read_checkpoint_info
 from megatron.early_exit.config import EarlyExitTransformerConfig
 from megatron.early_exit.data.datasets import build_gpt_datasets
 from megatron.early_exit.data.default_corpus import default_training_data
@@ -34,6 +36,8 @@ from megatron.early_exit.training import arguments
 from megatron.early_exit.training.batches import causal_mask
 from megatron.early_exit.training.logging import RunLogger
 from megatron.early_exit.training.loop import Trainer, evaluate, setup_trainer, train_step
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -80,9 +84,9 @@ class DataSource:
         return {k: v.to(platform.device()) for k, v in batch.items()}
 
 
-def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int) -> int:
-    """Megatron-LM's padding: a multiple of 128 * TP."""
-    multiple = 128 * tensor_model_parallel_size
+def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int, divisor: int = 128) -> int:
+    """Megatron-LM's padding: a multiple of ``--make-vocab-size-divisible-by`` x TP."""
+    multiple = divisor * tensor_model_parallel_size
     return -(-vocab_size // multiple) * multiple
 
 
@@ -165,6 +169,11 @@ def build_data(args, tokenizer, settings, num_fill: int, seq_length: int) -> Dat
 def main(argv: list[str] | None = None) -> dict:
     """Train; returns the final evaluation (``lm_loss`` and every ``exit_<depth>``)."""
     args = arguments.parse_args(argv)
+    try:
+        arguments.check_platform_flags(args)
+    except ValueError as error:
+        arguments.build_parser().error(str(error))
+    _checkpoint_or_fresh_start(args)
     if args.tune_exit_pipeline_parallel_size is not None:
         # The original's P, the checkpoint's stages; this run has K (see partial_num_layers),
         # built from the complete model's config at one stage.
@@ -173,7 +182,10 @@ def main(argv: list[str] | None = None) -> dict:
     recorded = info.model_args.get("tokenizer") if info is not None else None
     tokenizer, tokenizer_info = build_tokenizer_from_args(args, recorded)
     if info is None:
-        vocab_size = padded_vocab_size(tokenizer.vocab_size, args.tensor_model_parallel_size)
+        vocab_size = padded_vocab_size(
+            tokenizer.vocab_size, args.tensor_model_parallel_size,
+            args.make_vocab_size_divisible_by,
+        )  # fmt: skip
         shape = _shape_from_flags(args, _config_or_exit(args, vocab_size), vocab_size)
     else:  # the checkpoint's model (activation, exits, vocab) in this run's layout
         shape = _shape_from_checkpoint(args, info)
@@ -186,6 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
         config.pipeline_model_parallel_size,
         seed=args.seed,
         embedding_stages=tied_exit_stages(config),
+        timeout_s=args.distributed_timeout_minutes * 60.0,
     )
     settings = arguments.run_settings(args, parallel_state.get_data_parallel_world_size())
     num_fill = _num_fill(config, settings)
@@ -209,6 +222,28 @@ def main(argv: list[str] | None = None) -> dict:
     logger.close()
     platform.destroy()
     return result
+
+
+def _checkpoint_or_fresh_start(args) -> None:
+    """Megatron's ``--load`` of a directory without a checkpoint (no tracker file yet, e.g. the
+    first job of a requeued series): start fresh with a warning. Flags that only make sense
+    with a checkpoint stop with an error instead."""
+    if not args.load or (Path(args.load) / TRACKER_FILENAME).is_file():
+        return
+    needs = [flag for flag, on in (
+        ("--use-checkpoint-args", args.use_checkpoint_args), ("--finetune", args.finetune),
+        ("--tune-exit-pipeline-parallel-size", args.tune_exit_pipeline_parallel_size),
+    ) if on]  # fmt: skip
+    if needs:
+        arguments.build_parser().error(
+            f"--load {args.load}: no checkpoint there ({TRACKER_FILENAME} missing), which "
+            f"{', '.join(needs)} need"
+        )
+    logger.warning(
+        "--load %s: no checkpoint there (%s missing); training starts from scratch",
+        args.load, TRACKER_FILENAME,
+    )  # fmt: skip
+    args.load = None
 
 
 @dataclass(frozen=True)
@@ -377,10 +412,19 @@ def _build_model(shape: ModelShape, partial) -> EarlyExitGPTModel:
 
 
 def _shape_from_checkpoint(args, info) -> ModelShape:
-    """``--use-checkpoint-args``: the checkpoint's model (shape, exits, vocab, positions,
-    training sequence length) with this run's layout, precision and training objective. The
-    model-shape flags are not read; the exits' loss weights and temperatures are the
-    checkpoint's."""
+    """``--use-checkpoint-args``: the checkpoint's model with this run's layout, precision and
+    training objective.
+
+    From the checkpoint: the model shape (every field of ``record.MODEL_CONFIG_FIELDS``; the
+    shape flags are not read), the exits' positions and structures (``--exit-layer-nums`` and
+    the structure flags are not read), vocab size, position embeddings, training sequence
+    length and tokenizer (unless ``--tokenizer-type`` is given).
+    From the command line: layout (TP/PP/SP), precision, recomputation and attention kernel,
+    ``--tune-exit``, distillation and confidence-head flags, and each exit-objective flag of
+    ``arguments.EXIT_OBJECTIVE_FLAGS`` that is given (``--exit-layer-weight``,
+    ``--exit-layer-weight-init``, ``--exit-layer-temperature``, the weight warm-up flags,
+    ``--use-dynamic-exit-layer-weight``); one left out keeps the checkpoint's value.
+    """
     model = info.model
     return ModelShape(
         config=_checkpoint_config(args, info),
@@ -410,12 +454,14 @@ def _checkpoint_config(args, info):
     )
     if args.exit_confidence_loss_weight is not None:
         overrides["exit_confidence_loss_weight"] = args.exit_confidence_loss_weight
+    overrides.update(arguments.runtime_config_fields(args))
     try:
         heads = tuple(
             dataclasses.replace(e, confidence_hidden_size=_confidence_width(args, e))
             for e in config_from_checkpoint(info).exit_heads
         )
-        config = config_from_checkpoint(info, **overrides, exit_heads=heads)
+        overrides.update(arguments.exit_objective_from_flags(args, heads))
+        config = config_from_checkpoint(info, **overrides)
         config.check_trainable_final_head_targets()
         return config
     except ValueError as error:
