@@ -563,6 +563,11 @@ def training_config(args) -> TrainingConfig:
         log_interval=args.log_interval,
         loss_scale=args.loss_scale,
         initial_loss_scale=args.initial_loss_scale,
+        scheduler_source=(
+            "flags" if args.override_opt_param_scheduler
+            else "checkpoint" if args.use_checkpoint_opt_param_scheduler
+            else "check"
+        ),
     )
 
 

@@ -53,6 +53,18 @@ class TrainingConfig:
     log_interval: int = 10  # --log-interval
     loss_scale: float | None = None  # --loss-scale (fp16: constant; None = dynamic)
     initial_loss_scale: float = 2.0**32  # --initial-loss-scale (fp16 dynamic scaling)
+    scheduler_source: str = "check"
+    """On load, the LR/WD schedule: ``"check"`` (the checkpoint's must equal this config's, or
+    the load stops naming the differences), ``"flags"`` (this config's, continued from the
+    checkpoint's step: --override-opt_param-scheduler) or ``"checkpoint"`` (the checkpoint's:
+    --use-checkpoint-opt_param-scheduler)."""
+
+    def __post_init__(self) -> None:
+        if self.scheduler_source not in ("check", "flags", "checkpoint"):
+            raise ValueError(
+                f"scheduler_source: expected 'check', 'flags' or 'checkpoint', got "
+                f"{self.scheduler_source!r}"
+            )
 
 
 @dataclass
@@ -174,6 +186,8 @@ def setup_trainer(
         end_wd=training.weight_decay,
         wd_incr_steps=training.train_iters,
         wd_incr_style="constant",
+        override_opt_param_scheduler=training.scheduler_source == "flags",
+        use_checkpoint_opt_param_scheduler=training.scheduler_source == "checkpoint",
     )
     return Trainer(ddp, optimizer, scheduler, config, training, 0, mode, fill, defer_exits)
 

@@ -21,7 +21,7 @@ import torch
 from megatron.core import parallel_state
 
 from megatron.early_exit import platform
-from megatron.early_exit.checkpoint.record import config_from_checkpoint
+from megatron.early_exit.checkpoint.record import CheckpointError, config_from_checkpoint
 from megatron.early_exit.checkpoint.sharded import PartialBackbone
 from megatron.early_exit.checkpoint.store import TRACKER_FILENAME, read_checkpoint_info
 from megatron.early_exit.config import EarlyExitTransformerConfig
@@ -42,7 +42,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class DataSource:
-    """Deterministic microbatches by position: iteration t, data-parallel rank r."""
+    """Deterministic microbatches by position in the training samples: an iteration takes the
+    next :attr:`samples_per_iteration` samples after :attr:`consumed_samples`, data-parallel
+    rank r the r-th slice of them. The position is the count of samples consumed, as Megatron's
+    ``consumed_train_samples``, so a resume with another data-parallel size or global batch
+    continues where the saved run stopped."""
 
     train: object
     valid: object | None
@@ -51,20 +55,23 @@ class DataSource:
     num_fill: int
     data_parallel_rank: int
     data_parallel_size: int
+    consumed_samples: int = 0
 
     @property
     def samples_per_iteration(self) -> int:
         per_replica = self.micro_batch_size * (self.num_microbatches + self.num_fill)
         return per_replica * self.data_parallel_size
 
-    def iteration(self, iteration: int) -> tuple[list[dict], list[dict]]:
-        """The real and fill microbatches of ``iteration`` on this data-parallel rank."""
+    def next_iteration(self) -> tuple[list[dict], list[dict]]:
+        """The real and fill microbatches of the next iteration on this data-parallel rank;
+        advances :attr:`consumed_samples` by one iteration's samples (all ranks')."""
         per_replica = self.micro_batch_size * (self.num_microbatches + self.num_fill)
-        start = iteration * self.samples_per_iteration + self.data_parallel_rank * per_replica
+        start = self.consumed_samples + self.data_parallel_rank * per_replica
         batches = [
             self._batch(self.train, start + i * self.micro_batch_size)
             for i in range(self.num_microbatches + self.num_fill)
         ]
+        self.consumed_samples += self.samples_per_iteration
         return batches[: self.num_microbatches], batches[self.num_microbatches :]
 
     def validation(self, num_batches: int) -> list[dict]:
@@ -142,15 +149,21 @@ def _description(tokenizer_type, vocab_file=None, merge_file=None, tokenizer_mod
     }
 
 
-def build_data(args, tokenizer, settings, num_fill: int, seq_length: int) -> DataSource:
+def build_data(
+    args, tokenizer, settings, num_fill: int, seq_length: int, resume=(0, 0)
+) -> DataSource:
+    """The run's data, positioned at ``resume = (iteration, consumed samples)``."""
     dp_size = parallel_state.get_data_parallel_world_size()
     per_iteration = settings.micro_batch_size * (settings.num_microbatches + num_fill) * dp_size
     eval_samples = args.eval_iters * settings.micro_batch_size
+    iteration, consumed = resume
+    num_train = max(args.train_iters * per_iteration,
+                    consumed + max(args.train_iters - iteration, 0) * per_iteration)  # fmt: skip
     datasets = build_gpt_datasets(
         tokenizer,
         seq_length=seq_length,
         seed=args.seed,
-        num_samples=(args.train_iters * per_iteration, eval_samples, 0),
+        num_samples=(num_train, eval_samples, 0),
         data_path=args.data_path,
         split=args.split,
         mock_data=args.mock_data,
@@ -163,6 +176,7 @@ def build_data(args, tokenizer, settings, num_fill: int, seq_length: int) -> Dat
         num_fill,
         parallel_state.get_data_parallel_rank(),
         dp_size,
+        consumed_samples=consumed,
     )
 
 
@@ -202,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     settings = arguments.run_settings(args, parallel_state.get_data_parallel_world_size())
     num_fill = _num_fill(config, settings)
-    data = build_data(args, tokenizer, settings, num_fill, shape.seq_length)
+    data = build_data(args, tokenizer, settings, num_fill, shape.seq_length, _resume_position(args))
     model = _build_model(shape, partial)
     trainer = setup_trainer(
         model,
@@ -213,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
         distributed_optimizer=settings.use_distributed_optimizer,
     )
     if args.load:
-        trainer.load_checkpoint(args.load, finetune=args.finetune, partial=partial)
+        _load(args, trainer, partial)
     logger = RunLogger(
         args, config, tokens_per_iteration=data.samples_per_iteration * shape.seq_length
     )
@@ -222,6 +236,36 @@ def main(argv: list[str] | None = None) -> dict:
     logger.close()
     platform.destroy()
     return result
+
+
+def _resume_position(args) -> tuple[int, int]:
+    """``(iteration, consumed samples)`` a ``--load`` continues from: the checkpoint's saved
+    ``consumed_samples`` (not iteration x this run's global batch, which differs when the
+    data-parallel size or the global batch changed); ``(0, 0)`` for a fresh start or
+    ``--finetune``."""
+    if not args.load or args.finetune:
+        return 0, 0
+    try:
+        info = read_checkpoint_info(args.load)
+    except CheckpointError as error:
+        arguments.build_parser().error(f"--load {args.load}: {error}")
+    consumed = (info.data_state or {}).get("consumed_samples")
+    if consumed is None and info.iteration == 0:  # a conversion tool's checkpoint
+        consumed = 0
+    if consumed is None:
+        arguments.build_parser().error(
+            f"--load {args.load}: the checkpoint (iteration {info.iteration}) records no "
+            "consumed_samples, so the data position to resume from is unknown; start from its "
+            "weights with --finetune"
+        )
+    return info.iteration, int(consumed)
+
+
+def _load(args, trainer: Trainer, partial) -> None:
+    try:
+        trainer.load_checkpoint(args.load, finetune=args.finetune, partial=partial)
+    except CheckpointError as error:
+        arguments.build_parser().error(f"--load {args.load}: {error}")
 
 
 def _checkpoint_or_fresh_start(args) -> None:
@@ -275,7 +319,7 @@ def _train_loop(args, trainer: Trainer, data: DataSource, logger, model_args, pa
     logger.start(trainer.iteration)
     while trainer.iteration < args.train_iters:
         start = time.perf_counter()
-        microbatches, fills = data.iteration(trainer.iteration)
+        microbatches, fills = data.next_iteration()
         metrics = train_step(trainer, microbatches, fills)
         logger.iteration(metrics, time.perf_counter() - start)
         if data.valid is not None and trainer.iteration % args.eval_interval == 0:
@@ -294,10 +338,9 @@ def _train_loop(args, trainer: Trainer, data: DataSource, logger, model_args, pa
 
 
 def _save(args, trainer, data: DataSource, model_args: dict, partial) -> None:
-    consumed = trainer.iteration * data.samples_per_iteration
     trainer.save_checkpoint(
         args.save,
-        data_state={"consumed_samples": consumed},
+        data_state={"consumed_samples": data.consumed_samples},
         model_args=model_args,
         partial=partial,
     )
