@@ -188,6 +188,8 @@ def main(argv: list[str] | None = None) -> dict:
     except ValueError as error:
         arguments.build_parser().error(str(error))
     _checkpoint_or_fresh_start(args)
+    if args.query_key_layer_scaling:  # Transformer Engine reads it here, as Megatron-LM sets it
+        os.environ["NVTE_APPLY_QK_LAYER_SCALING"] = "1"
     if args.tune_exit_pipeline_parallel_size is not None:
         # The original's P, the checkpoint's stages; this run has K (see partial_num_layers),
         # built from the complete model's config at one stage.
