@@ -47,7 +47,8 @@ def _main(work: Path, name: str, *flags: str) -> dict:
     except SystemExit as stop:
         return {"error": stderr.getvalue(), "status": stop.code}
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
-    return {"metrics": {r["iteration"]: r for r in records if "lr" in r}}
+    return {"metrics": {r["iteration"]: r for r in records if "lr" in r},
+            "stderr": stderr.getvalue()}  # fmt: skip
 
 
 def _worker(rank: int, world_size: int, work: str) -> dict:
@@ -73,6 +74,11 @@ def _worker(rank: int, world_size: int, work: str) -> dict:
         out["extended"] = _main(
             work, "extended", *const, *extend, "--override-opt_param-scheduler"
         )
+        # --load of a directory with no checkpoint yet: a fresh start (not with --finetune)
+        (work / "empty").mkdir(exist_ok=True)
+        empty = ["--train-iters", "2", "--load", str(work / "empty")]
+        out["fresh"] = _main(work, "fresh", *const, *empty)
+        out["fresh_finetune"] = _main(work, "fresh_ft", *const, *empty, "--finetune")
         # Cosine LR: the flags' schedule, or the checkpoint's (already at --min-lr).
         cosine = ["--lr-decay-style", "cosine", *DP1]
         _main(work, "cos3", *cosine, "--train-iters", "3", "--save", str(work / "k3"))
@@ -102,6 +108,14 @@ def _worker(rank: int, world_size: int, work: str) -> dict:
 def runs(tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("resume_flags")
     return run_distributed(_worker, 2, str(work), timeout_s=600)[0]
+
+
+def test_load_of_a_directory_without_a_checkpoint_starts_fresh(runs):
+    assert sorted(runs["fresh"]["metrics"]) == [1, 2]
+    assert "no checkpoint there" in runs["fresh"]["stderr"]
+    assert "training starts from scratch" in runs["fresh"]["stderr"]
+    refused = runs["fresh_finetune"]
+    assert refused.get("status") == 2 and "which --finetune need" in refused["error"]
 
 
 def test_extending_a_run_is_refused_without_a_scheduler_flag(runs):
