@@ -29,5 +29,6 @@ setup(
         "server": ["fastapi", "uvicorn", "pydantic>=2", "httpx"],
         "hf": ["transformers", "safetensors", "tokenizers", "gguf", "accelerate", "protobuf"],
         "dev": ["pytest", "ruff", "matplotlib"],
+        "wandb": ["wandb"],  # --wandb-project
     },
 )

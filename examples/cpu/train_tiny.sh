@@ -3,7 +3,7 @@
 # Exits after layers 1 and 2 (norm + head); saves to runs/tiny and prints a per-exit loss table.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-exec .venv/bin/python pretrain_early_exit_gpt.py \
+exec "${PYTHON:-.venv/bin/python}" pretrain_early_exit_gpt.py \
   --num-layers 4 --hidden-size 128 --num-attention-heads 4 --seq-length 128 \
   --normalization RMSNorm --swiglu --position-embedding-type rope --disable-bias-linear \
   --hidden-dropout 0.0 --attention-dropout 0.0 \

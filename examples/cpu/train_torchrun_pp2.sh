@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=1
-exec .venv/bin/torchrun --nproc-per-node 2 pretrain_early_exit_gpt.py \
+exec "${TORCHRUN:-.venv/bin/torchrun}" --nproc-per-node 2 pretrain_early_exit_gpt.py \
   --pipeline-model-parallel-size 2 \
   --num-layers 4 --hidden-size 128 --num-attention-heads 4 --seq-length 128 \
   --normalization RMSNorm --swiglu --position-embedding-type rope --disable-bias-linear \

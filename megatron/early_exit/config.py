@@ -171,9 +171,42 @@ class EarlyExitTransformerConfig(TransformerConfig):
         if self.exit_heads:
             self._reject_unsupported_with_exits()
         if self.exit_heads and self.recompute_granularity == "full":
+            self._check_full_recompute_boundaries()
+
+    def _check_full_recompute_boundaries(self) -> None:
+        """Full recomputation runs each chunk of layers without autograd and again in backward;
+        a state inside a chunk has no autograd history, so an exit must read a chunk's input or
+        output (megatron-core hands these out as the tensors the chunk returns, with history).
+        ``block`` checkpoints single layers: always fine. ``uniform`` with N layers per chunk:
+        every exit must sit at a multiple of N from its stage's first layer (or after its last).
+        """
+        if self.recompute_method != "uniform":
+            return
+        from megatron.early_exit.placement import stage_layer_range
+
+        def inside(num_per_chunk: int) -> list[str]:
+            bad = []
+            for stage in range(self.pipeline_model_parallel_size):
+                layers = stage_layer_range(self, stage)
+                for e in self.exit_heads:
+                    if e.layer_number not in layers:
+                        continue
+                    below = e.layer_number - layers.start + (0 if e.pre_exit else 1)
+                    stage_output = not e.pre_exit and e.layer_number == layers[-1]
+                    if below % num_per_chunk and not stage_output:
+                        bad.append(f"{'before' if e.pre_exit else 'after'} layer {e.layer_number}")
+            return bad
+
+        bad = inside(self.recompute_num_layers)
+        if bad:
+            stages = range(self.pipeline_model_parallel_size)
+            most = max(len(stage_layer_range(self, s)) for s in stages)
+            valid = [n for n in range(1, most + 1) if not inside(n)]
             raise ValueError(
-                "recompute_granularity: 'full' recomputation is not supported with early exits "
-                "(the exit inputs would be captured without autograd history); use 'selective'"
+                f"recompute_num_layers: uniform full recomputation in chunks of "
+                f"{self.recompute_num_layers} layers would put the exits {', '.join(bad)} inside a "
+                "chunk, where their input has no autograd history; use recompute_method 'block' "
+                f"or recompute_num_layers in {valid} (--recompute-method/--recompute-num-layers)"
             )
 
     def _reject_unsupported_with_exits(self) -> None:

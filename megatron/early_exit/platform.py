@@ -352,7 +352,7 @@ def initialize(
     *,
     seed: int = 1234,
     embedding_stages: frozenset[int] | None = None,
-    timeout_s: float = 300.0,
+    timeout_s: float = 600.0,
 ) -> ParallelLayout:
     """Set up this process: platform compatibility, process group, parallel groups, RNG.
 
@@ -363,6 +363,8 @@ def initialize(
         embedding_stages: pipeline stages that hold a copy of the tied word embedding (the first
             and last stage always do; stages with tied early-exit heads must be added so that
             megatron-core's embedding group keeps every copy in sync).
+        timeout_s: how long a collective may wait, in the process group and in every parallel
+            group (``--distributed-timeout-minutes``; Megatron-LM's default, 10 minutes).
     """
     from megatron.core import parallel_state
 
@@ -383,6 +385,7 @@ def initialize(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pp_size,
         get_embedding_ranks=embedding_ranks,
+        distributed_timeout_minutes=timeout_s / 60.0,
     )
     _seed_everything(seed + 100 * parallel_state.get_pipeline_model_parallel_rank())
     return current_layout()

@@ -224,6 +224,43 @@ def tools_worker(rank: int, world_size: int, root: str) -> dict:
     platform.initialize(1, 1, seed=7)
     out = {family: _family_checks(family, Path(root)) for family in FAMILIES}
     out["bad"] = _bad_input_checks(Path(root))
+    out["te_host"] = _te_host_checks(Path(root))
+    return out
+
+
+def _te_host_checks(root: Path) -> dict:
+    """The tools on a host where Transformer Engine is present (issue 15, defect 6): they must
+    build with the local layer spec, whose names their state dicts use. Simulated: TE cannot
+    run here, so a tool that picked TE's spec fails to build at all."""
+    from megatron.early_exit import platform
+    from megatron.early_exit.checkpoint.add_exits import add_exits_to_checkpoint
+    from megatron.early_exit.checkpoint.convert import hf_to_megatron, megatron_to_hf
+    from megatron.early_exit.model.layer_specs import uses_transformer_engine
+
+    hf = tiny_hf_model("llama", NUM_LAYERS)
+    with torch.no_grad():
+        expected = hf(input_ids=_inputs()[0]).logits
+    hf.save_pretrained(str(root / "te_hf"))
+    real = platform.has_transformer_engine
+    platform.has_transformer_engine = lambda: True
+    out = {}
+    try:
+        hf_to_megatron(root / "te_hf", root / "te_ckpt")
+        add_exits_to_checkpoint(root / "te_ckpt", root / "te_exits", layer_numbers=(1,),
+                                structure="block", untied=True)  # fmt: skip
+        megatron_to_hf(root / "te_exits", root / "te_back")
+    except Exception as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        platform.has_transformer_engine = real
+    if "error" not in out:
+        from megatron.early_exit.checkpoint.loading import load_model
+
+        _, config, model = load_model(root / "te_exits")
+        logits, exits = _ours(model)
+        out["logits_max_abs"] = (logits - expected).abs().max().item()
+        out["exit_depths"] = sorted(exits)
+        out["tools_local"] = not uses_transformer_engine(config)
     return out
 
 
@@ -300,6 +337,13 @@ def test_add_exits(results, family):
     assert got["add/backbone_kept"] and got["add/final_unchanged"]
     assert got["add/model_args_kept"]
     assert got["add/random_std"] == 0.05
+
+
+def test_tools_use_the_local_spec_on_a_transformer_engine_host(results):
+    got = results["te_host"]
+    assert "error" not in got, got.get("error")
+    assert got["logits_max_abs"] < LOGIT_TOL and got["exit_depths"] == [1]
+    assert got["tools_local"]
 
 
 def test_bad_inputs_list_every_problem(results):

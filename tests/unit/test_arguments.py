@@ -99,7 +99,15 @@ def test_config_level_errors_name_the_field(flags, message):
     [
         ("--no-such-flag", "unrecognized arguments: --no-such-flag"),
         ("--fp16 --bf16", "--fp16 and --bf16"),
-        ("--sequence-parallel", "--sequence-parallel needs --tensor-model-parallel-size"),
+        ("--lr-warmup-fraction 0.1 --lr-warmup-iters 5", "--lr-warmup-fraction and --lr-warmup"),
+        ("--lr-warmup-fraction 1.5", "--lr-warmup-fraction must be in [0, 1]"),
+        ("--override-opt_param-scheduler --use-checkpoint-opt_param-scheduler", "exclusive"),
+        ("--adam-eps 0", "--adam-eps must be > 0"),
+        ("--distributed-timeout-minutes 0", "--distributed-timeout-minutes must be > 0"),
+        ("--make-vocab-size-divisible-by 0", "--make-vocab-size-divisible-by must be >= 1"),
+        ("--wandb-exp-name x", "--wandb-exp-name need --wandb-project"),
+        ("--log-timers-to-tracker", "--log-timers-to-tracker needs a tracker"),
+        ("--recompute-granularity bogus", "invalid choice: 'bogus'"),
         ("--use-exit-norm", "--use-exit-norm given without --exit-layer-nums"),
         ("--exit-layer-nums 1 --use-exit-mlp", "--use-exit-mlp/--use-exit-block need"),
         ("--exit-layer-nums 1 --use-exit-norm --use-exit-mlp --use-exit-block", "exclusive"),
@@ -131,3 +139,94 @@ def test_global_batch_must_divide():
     args = parse("--micro-batch-size 3 --global-batch-size 10")
     with pytest.raises(ValueError, match="--global-batch-size 10 is not divisible"):
         arguments.run_settings(args, data_parallel_size=1)
+
+
+def test_sequence_parallel_at_tp1_is_turned_off_with_a_warning(caplog):
+    """Megatron's rule: examples pass --sequence-parallel for every size, TP=1 ones too."""
+    with caplog.at_level("WARNING"):
+        args = parse("--sequence-parallel")
+    assert args.sequence_parallel is False
+    assert "--sequence-parallel is turned off" in caplog.text
+    args = parse("--sequence-parallel --tensor-model-parallel-size 2")
+    assert args.sequence_parallel is True and arguments.model_config(args, 256).sequence_parallel
+
+
+def test_parity_flags_reach_the_configs():
+    args = parse(
+        "--adam-eps 1e-5 --lr-warmup-fraction 0.25 --train-iters 40 --query-key-layer-scaling "
+        "--distributed-timeout-minutes 2.5 --make-vocab-size-divisible-by 64 "
+        "--recompute-granularity selective"
+    )
+    training = arguments.training_config(args)
+    assert training.adam_eps == 1e-5 and training.lr_warmup_iters == 10
+    config = arguments.model_config(args, 256)
+    assert config.apply_query_key_layer_scaling and config.attention_softmax_in_fp32
+    assert config.recompute_granularity == "selective"
+    assert args.distributed_timeout_minutes == 2.5 and args.make_vocab_size_divisible_by == 64
+    full = parse("--recompute-granularity full --recompute-method block --recompute-num-layers 2")
+    config = arguments.model_config(full, 256)
+    assert (config.recompute_method, config.recompute_num_layers) == ("block", 2)
+
+
+def test_padded_vocab_size_honours_make_vocab_size_divisible_by():
+    from megatron.early_exit.training.run import padded_vocab_size
+
+    assert padded_vocab_size(1000, 2) == 1024
+    assert padded_vocab_size(1000, 2, 64) == 1024
+    assert padded_vocab_size(1000, 1, 64) == 1024
+    assert padded_vocab_size(1000, 1, 8) == 1000
+    assert padded_vocab_size(1001, 3, 1) == 1002
+
+
+def test_wandb_missing_is_a_clear_error(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
+    with pytest.raises(SystemExit):
+        parse("--wandb-project p --wandb-exp-name e")
+    assert "the wandb package is not installed" in capsys.readouterr().err
+
+
+def test_flash_attention_refused_without_transformer_engine(monkeypatch):
+    from megatron.early_exit import platform
+
+    monkeypatch.setattr(platform, "has_transformer_engine", lambda: False)
+    with pytest.raises(ValueError, match="--use-flash-attn needs Transformer Engine"):
+        arguments.check_platform_flags(parse("--use-flash-attn"))
+    monkeypatch.setattr(platform, "has_transformer_engine", lambda: True)
+    args = parse("--use-flash-attn")
+    arguments.check_platform_flags(args)
+    assert arguments.runtime_config_fields(args)["attention_backend"].name == "flash"
+
+
+def test_llama2_tokenizer_starts_every_text_with_bos(tmp_path):
+    from megatron.early_exit.data.default_corpus import default_training_data
+    from megatron.early_exit.data.tokenizers import build_tokenizer
+
+    model = default_training_data().tokenizer_model
+    plain = build_tokenizer("SentencePieceTokenizer", tokenizer_model=model)
+    llama2 = build_tokenizer("Llama2Tokenizer", tokenizer_model=model)
+    assert llama2.bos is not None
+    assert llama2.tokenize("The jury said") == [llama2.bos, *plain.tokenize("The jury said")]
+    assert parse("--tokenizer-type Llama2Tokenizer").tokenizer_type == "Llama2Tokenizer"
+
+
+def test_exit_objective_flags_given_win_over_the_checkpoint():
+    from megatron.early_exit.config import ExitHeadConfig
+
+    heads = (ExitHeadConfig(2, loss_weight=0.1, temperature=3.0),
+             ExitHeadConfig(4, loss_weight=0.2, temperature=4.0))  # fmt: skip
+    args = parse("--use-checkpoint-args --load x --exit-layer-weight 0.5 0.7 "
+                 "--exit-layer-weight-warmup-iters 9")  # fmt: skip
+    overrides = arguments.exit_objective_from_flags(args, heads)
+    assert [e.loss_weight for e in overrides["exit_heads"]] == [0.5, 0.7]
+    assert [e.temperature for e in overrides["exit_heads"]] == [3.0, 4.0]  # not given: kept
+    assert overrides["exit_loss_weight_warmup_iters"] == 9
+    assert "dynamic_exit_loss_weight" not in overrides
+    assert "exit_loss_weight_warmup_style" not in overrides
+    args = parse("--use-checkpoint-args --load x --exit-layer-weight 0.5")
+    with pytest.raises(ValueError, match="got 1 values, but the checkpoint has 2 exits"):
+        arguments.exit_objective_from_flags(args, heads)

@@ -61,9 +61,19 @@ def test_tied_exit_with_untied_model_rejected():
     config(exit_heads=(ExitHeadConfig(2, untied=True),), untie_embeddings_and_output_weights=True)
 
 
-def test_full_recompute_rejected_with_exits():
-    with pytest.raises(ValueError, match="recompute_granularity"):
-        config(exit_heads=(ExitHeadConfig(2),), recompute_granularity="full")
+def test_full_recompute_needs_exits_at_chunk_boundaries():
+    full = dict(recompute_granularity="full", recompute_method="uniform")
+    exits = (ExitHeadConfig(1), ExitHeadConfig(3, pre_exit=True), ExitHeadConfig(4))
+    with pytest.raises(ValueError, match=r"exits after layer 1 inside a chunk.*in \[1\]"):
+        config(exit_heads=exits, recompute_num_layers=2, **full)
+    with pytest.raises(ValueError, match=r"exits after layer 1, before layer 3 inside"):
+        config(exit_heads=exits, recompute_num_layers=4, **full)
+    with pytest.raises(ValueError, match=r"before layer 4 inside"):  # inside the last chunk
+        config(exit_heads=(ExitHeadConfig(4, pre_exit=True),), recompute_num_layers=2, **full)
+    config(exit_heads=exits[1:], recompute_num_layers=2, **full)  # chunks [1, 2], [3, 4]
+    config(exit_heads=exits, recompute_num_layers=1, **full)
+    config(exit_heads=exits, recompute_granularity="full", recompute_method="block",
+           recompute_num_layers=3)  # fmt: skip
 
 
 def test_schedule_fields_validated():

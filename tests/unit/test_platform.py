@@ -165,7 +165,21 @@ def test_single_process_initialize_and_forward():
         from megatron.early_exit.model.builder import build_early_exit_model
         from tests.helpers import tiny_config, make_batch, VOCAB, SEQ
         if __name__ == "__main__":
-            layout = platform.initialize(1, 1, seed=1)
+            import datetime
+            import torch.distributed as dist
+            from megatron.core import parallel_state
+            seen = {}
+            def recording(fn, key):
+                def wrapper(*args, **kwargs):
+                    seen[key] = kwargs
+                    return fn(*args, **kwargs)
+                return wrapper
+            dist.init_process_group = recording(dist.init_process_group, "pg")
+            parallel_state.initialize_model_parallel = recording(
+                parallel_state.initialize_model_parallel, "groups")
+            layout = platform.initialize(1, 1, seed=1, timeout_s=90)  # 1.5 minutes
+            assert seen["pg"]["timeout"] == datetime.timedelta(seconds=90), seen
+            assert seen["groups"]["distributed_timeout_minutes"] == 1.5, seen
             assert layout.world_size == 1 and platform.distributed_backend() == "gloo"
             model = build_early_exit_model(tiny_config("gpt"), VOCAB, SEQ, seed=1)
             b = make_batch(0)

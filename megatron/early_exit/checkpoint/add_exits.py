@@ -46,7 +46,7 @@ from megatron.early_exit.checkpoint.hf import (
     EXTRA_STATE_SUFFIX,
     load_megatron_state_dict,
 )
-from megatron.early_exit.checkpoint.loading import build_model, load_model
+from megatron.early_exit.checkpoint.loading import LOCAL_SPEC, build_model, load_model
 from megatron.early_exit.checkpoint.record import checkpoint_config
 from megatron.early_exit.checkpoint.store import save_checkpoint
 from megatron.early_exit.config import EarlyExitTransformerConfig, ExitHeadConfig, make_exit_heads
@@ -271,7 +271,7 @@ def add_exits_to_checkpoint(
     if not new:
         raise ValueError("adding exits: no exits given (--exit-layer-nums)")
     _, new_model = add_exits_to_model(
-        model, info.model, lambda **o: checkpoint_config(info, **o), new,
+        model, info.model, lambda **o: checkpoint_config(info, **LOCAL_SPEC, **o), new,
         overwrite=overwrite, random_init=random_init, zero_mlp_output=zero_mlp_output,
         temperature=temperature, init_method_std=init_method_std, seed=seed,
     )  # fmt: skip

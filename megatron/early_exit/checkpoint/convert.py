@@ -34,7 +34,7 @@ from megatron.early_exit.checkpoint.hf import (
     load_megatron_state_dict,
     megatron_to_hf_state_dict,
 )
-from megatron.early_exit.checkpoint.loading import build_model, load_model
+from megatron.early_exit.checkpoint.loading import LOCAL_SPEC, build_model, load_model
 from megatron.early_exit.checkpoint.record import DTYPES
 from megatron.early_exit.checkpoint.store import save_checkpoint
 from megatron.early_exit.config import EarlyExitTransformerConfig, ExitHeadConfig
@@ -444,7 +444,8 @@ def hf_to_model(
         problems.append(str(exc))
     _raise(f"converting {root}", problems)
 
-    fields = dict(config_kwargs, **platform.config_overrides())
+    # The local spec whatever the host: the key maps name its modules (see LOCAL_SPEC).
+    fields = dict(config_kwargs, **platform.config_overrides(), **LOCAL_SPEC)
     if "bias_activation_fusion" in config_kwargs:  # GPT-2's tanh GELU has no fused kernel
         fields["bias_activation_fusion"] = config_kwargs["bias_activation_fusion"]
 

@@ -58,12 +58,19 @@ def build_model(config: EarlyExitTransformerConfig, model_facts: Mapping, *, see
     return build_early_exit_model(config, seed=seed, **kwargs)
 
 
+LOCAL_SPEC = {"transformer_impl": "local"}
+"""Config override of the checkpoint tools: megatron-core's local layers, whose state-dict names
+(``input_layernorm``, ``pre_mlp_layernorm``) the key maps use, on every host (TE or not)."""
+
+
 def load_model(load_dir: str | os.PathLike, *, seed: int = 1234, **config_overrides):
     """``(info, config, model)``: the newest checkpoint in ``load_dir`` loaded into this rank's
-    model, in eval mode; ``config_overrides`` as :func:`checkpoint_config` takes them (default
-    TP=1/PP=1). Needs an initialised platform of that layout."""
+    model, in eval mode, for the checkpoint tools: built with the local layer spec
+    (:data:`LOCAL_SPEC`) unless ``config_overrides`` say otherwise; ``config_overrides`` as
+    :func:`checkpoint_config` takes them (default TP=1/PP=1). Needs an initialised platform of
+    that layout."""
     info = read_checkpoint_info(load_dir)
-    config = checkpoint_config(info, **config_overrides)
+    config = checkpoint_config(info, **{**LOCAL_SPEC, **config_overrides})
     model = build_model(config, info.model, seed=seed)
     load_checkpoint(load_dir, model)
     model.eval()

@@ -376,11 +376,42 @@ def load_checkpoint(
     return 0 if finetune else int(loaded["iteration"])
 
 
+# The scheduler values Megatron-LM checks against the flags on load (num_steps always comes
+# from the checkpoint).
+_SCHEDULER_FIELDS = {
+    "max_lr": "--lr", "min_lr": "--min-lr", "lr_warmup_steps": "--lr-warmup-iters/-fraction",
+    "lr_decay_steps": "--train-iters", "lr_decay_style": "--lr-decay-style",
+    "start_wd": "--weight-decay", "end_wd": "--weight-decay",
+    "wd_incr_steps": "--train-iters", "wd_incr_style": "weight-decay schedule",
+}  # fmt: skip
+
+
 def _load_scheduler(scheduler, state: dict | None, info: CheckpointInfo) -> None:
+    """Continue ``scheduler`` from the checkpoint's step. Which schedule (its values: peak and
+    minimum LR, warm-up and decay steps, ...) is Megatron's choice: the scheduler's own with
+    ``override_opt_param_scheduler``, the checkpoint's with
+    ``use_checkpoint_opt_param_scheduler``; with neither, they must be equal, or
+    CheckpointError names every difference (megatron-core's default would keep the
+    checkpoint's silently)."""
     if state is None:  # written by a conversion tool, which has no scheduler
         logger.info("checkpoint %s has no scheduler state: the scheduler starts fresh", info.path)
         return
+    override = scheduler.override_opt_param_scheduler
+    if not override and not scheduler.use_checkpoint_opt_param_scheduler:
+        differences = [
+            f"{name} ({flag}): checkpoint {state[name]!r}, this run {getattr(scheduler, name)!r}"
+            for name, flag in _SCHEDULER_FIELDS.items()
+            if name in state and state[name] != getattr(scheduler, name)
+        ]
+        if differences:
+            raise CheckpointError(
+                f"checkpoint {info.path} was trained with another learning-rate/weight-decay "
+                f"schedule: {'; '.join(differences)}. Pass --override-opt_param-scheduler to "
+                "follow this run's flags from the checkpoint's step, or "
+                "--use-checkpoint-opt_param-scheduler to keep the checkpoint's schedule"
+            )
     scheduler.load_state_dict(state)
+    scheduler.step(increment=0)  # the optimizer's LR and WD from the values just chosen
 
 
 def _load_model_state(model, state_dict: dict, finetune: bool, unexpected: set) -> None:

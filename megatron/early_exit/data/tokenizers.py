@@ -25,6 +25,7 @@ TOKENIZER_TYPES = (
     "NullTokenizer",
     "GPT2BPETokenizer",
     "SentencePieceTokenizer",
+    "Llama2Tokenizer",
     "HuggingFaceTokenizer",
 )
 
@@ -253,6 +254,19 @@ class SentencePieceTokenizer(_TokenizerBase):
         self.__init__(state["model_file"])
 
 
+class Llama2Tokenizer(SentencePieceTokenizer):
+    """Megatron-LM's ``Llama2Tokenizer``: a SentencePiece model (Llama 2's ``tokenizer.model``)
+    whose ``tokenize`` starts every text with BOS, as Megatron's does (``bos=True``), so data
+    preprocessed with it matches Megatron-LM's. EOD is ``</s>``."""
+
+    name = "Llama2Tokenizer"
+
+    def tokenize(self, text: str) -> list[int]:
+        """BOS, then the text's pieces (no EOS: the preprocessing step appends EOD)."""
+        ids = self._sp.encode(text)
+        return ids if self.bos is None else [self.bos, *ids]
+
+
 def _load_hf_backend(directory: str):
     """Returns (encode, decode, vocab_size, eos_id, bos_id) from transformers or tokenizers."""
     try:
@@ -376,10 +390,9 @@ def build_tokenizer(
         vocab = _require_file(vocab_file, "--vocab-file", tokenizer_type)
         merges = _require_file(merge_file, "--merge-file", tokenizer_type)
         return GPT2BPETokenizer(vocab, merges)
-    if tokenizer_type == "SentencePieceTokenizer":
-        return SentencePieceTokenizer(
-            _require_file(tokenizer_model, "--tokenizer-model", tokenizer_type)
-        )
+    if tokenizer_type in ("SentencePieceTokenizer", "Llama2Tokenizer"):
+        cls = Llama2Tokenizer if tokenizer_type == "Llama2Tokenizer" else SentencePieceTokenizer
+        return cls(_require_file(tokenizer_model, "--tokenizer-model", tokenizer_type))
     if tokenizer_type == "HuggingFaceTokenizer":
         if not tokenizer_model:
             raise ValueError(f"--tokenizer-model is required for {tokenizer_type}")

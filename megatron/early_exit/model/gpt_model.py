@@ -7,8 +7,9 @@ not depend on the pipeline split; each stage builds only the heads of its own la
 How exits see the backbone: for the duration of one forward, a forward hook on each exit's layer
 (a forward-pre hook for pre-exits) records the hidden state the exit reads. The block itself runs
 unmodified, so megatron-core's layer loop, SP/TP handling and selective recomputation stay
-intact. (Full-layer recomputation would record hidden states without autograd history; the config
-rejects it with exits.)
+intact. Under full-layer recomputation a chunk of layers runs without autograd and again in
+backward; the tensors a chunk receives and returns carry the history, so the config requires every
+exit to read one of them (see ``EarlyExitTransformerConfig._check_full_recompute_boundaries``).
 
 Forward returns ``(output, exit_outputs)``:
 

@@ -1,7 +1,11 @@
 """Module specs for the backbone and the exit heads.
 
-The platform decides the backend: Transformer Engine layers when TE and a CUDA device are present,
-megatron-core's local modules otherwise. Without TE/Apex megatron-core's local norm refuses
+The platform and the config decide the backend: Transformer Engine layers when TE and a CUDA
+device are present and ``config.transformer_impl`` is ``"transformer_engine"`` (megatron-core's
+default), megatron-core's local modules otherwise. The checkpoint tools ask for ``"local"``: their
+state dicts use the local spec's names (``input_layernorm``, ``pre_mlp_layernorm``), which TE
+fuses into its linear layers; checkpoints are the same either way (the local spec saves under
+TE's names). Without TE/Apex megatron-core's local norm refuses
 sequence parallelism (``WrappedTorchNorm`` asserts), so the local spec uses
 :class:`SequenceParallelTorchNorm`, which tags its parameters ``sequence_parallel`` so that
 ``finalize_model_grads`` all-reduces their (partial, per-rank) gradients over the TP group. The
@@ -47,9 +51,14 @@ class SequenceParallelTorchNorm:
         return norm
 
 
+def uses_transformer_engine(config: TransformerConfig) -> bool:
+    """True when ``config``'s model is built from Transformer Engine's layers."""
+    return config.transformer_impl == "transformer_engine" and platform.has_transformer_engine()
+
+
 def norm_module(config: TransformerConfig):
     """The norm class used by the backbone's final norm and by exit norms."""
-    if platform.has_transformer_engine():
+    if uses_transformer_engine(config):
         from megatron.core.extensions.transformer_engine import TENorm
 
         return TENorm
@@ -58,7 +67,7 @@ def norm_module(config: TransformerConfig):
 
 def transformer_layer_spec(config: TransformerConfig) -> ModuleSpec:
     """The spec of one backbone layer (also used by ``block`` exits)."""
-    if platform.has_transformer_engine():
+    if uses_transformer_engine(config):
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
     spec = get_gpt_layer_local_spec(
         qk_layernorm=config.qk_layernorm, normalization=config.normalization

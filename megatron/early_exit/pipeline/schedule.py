@@ -67,7 +67,10 @@ def _average_over_data_parallel(losses: dict[str, float]) -> dict[str, float]:
     if not dist.is_initialized() or dist.get_world_size(group) == 1 or not losses:
         return losses
     names = sorted(losses)
-    values = torch.tensor([losses[n] for n in names], dtype=torch.float64)
+    # On the device: on a GPU this group is NCCL, which takes no CPU tensors.
+    values = torch.tensor(
+        [losses[n] for n in names], dtype=torch.float64, device=platform.device()
+    )
     dist.all_reduce(values, group=group)
     values /= dist.get_world_size(group)
     return dict(zip(names, values.tolist()))

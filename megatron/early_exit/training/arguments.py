@@ -9,6 +9,9 @@ values stop with a message that names them (argparse's ``error``: exit status 2)
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.util
+import logging
 import math
 from dataclasses import dataclass
 
@@ -28,6 +31,8 @@ from megatron.early_exit.pipeline.bubble_fill import FillConfig
 from megatron.early_exit.training.loop import TrainingConfig
 
 DEFAULT_CONFIDENCE_HIDDEN_SIZE = 64
+
+logger = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +78,19 @@ def _model_flags(group) -> None:
     add("--hidden-dropout", type=float, default=0.1)
     add("--attention-dropout", type=float, default=0.1)
     add("--init-method-std", type=float, default=0.02)
+    add(
+        "--query-key-layer-scaling",
+        action="store_true",
+        help="scale Q.K^T by 1/layer number (and softmax in fp32): fp16 range, same function",
+    )
+    add(
+        "--use-flash-attn",
+        action="store_true",
+        help="flash attention (Transformer Engine's attention backend; needs TE and a GPU)",
+    )
+    add("--recompute-granularity", choices=("full", "selective"), default=None)
+    add("--recompute-method", choices=("uniform", "block"), default=None)
+    add("--recompute-num-layers", type=int, default=None)
 
 
 def _exit_flags(group) -> None:
@@ -80,10 +98,17 @@ def _exit_flags(group) -> None:
     add = group.add_argument
     add("--exit-layer-weight", type=float, nargs="+", default=None, help="default 1.0 each")
     add("--exit-layer-weight-init", type=float, nargs="+", default=None, help="default 0.0 each")
-    add("--exit-layer-weight-warmup-iters", type=int, default=0)
-    add("--exit-layer-weight-warmup-style", choices=("linear", "cosine"), default="linear")
+    # Defaults are None so that --use-checkpoint-args can tell a flag given from one left out
+    # (the checkpoint's value is kept only for the latter); see EXIT_OBJECTIVE_FLAGS.
+    add("--exit-layer-weight-warmup-iters", type=int, default=None, help="default 0")
+    add(
+        "--exit-layer-weight-warmup-style",
+        choices=("linear", "cosine"),
+        default=None,
+        help="default linear",
+    )
     add("--exit-layer-temperature", type=float, nargs="+", default=None, help="default 1.0 each")
-    add("--use-dynamic-exit-layer-weight", action="store_true")
+    add("--use-dynamic-exit-layer-weight", action="store_true", default=None)
     add(
         "--exit-kl-weight",
         type=float,
@@ -121,10 +146,27 @@ def _training_flags(group) -> None:
     add("--min-lr", type=float, default=2e-4)
     add("--lr-decay-style", choices=("constant", "linear", "cosine"), default="cosine")
     add("--lr-warmup-iters", type=int, default=0)
+    add(
+        "--lr-warmup-fraction",
+        type=float,
+        default=None,
+        help="warm-up as a fraction of --train-iters (instead of --lr-warmup-iters)",
+    )
+    add(
+        "--override-opt_param-scheduler",
+        action="store_true",
+        help="on --load, take the LR/WD schedule from these flags, not the checkpoint",
+    )
+    add(
+        "--use-checkpoint-opt_param-scheduler",
+        action="store_true",
+        help="on --load, take the LR/WD schedule from the checkpoint, whatever the flags say",
+    )
     add("--weight-decay", type=float, default=0.01)
     add("--clip-grad", type=float, default=1.0)
     add("--adam-beta1", type=float, default=0.9)
     add("--adam-beta2", type=float, default=0.95)
+    add("--adam-eps", type=float, default=1e-8)
     add("--seed", type=int, default=1234)
 
 
@@ -138,6 +180,12 @@ def _parallel_flags(group) -> None:
     add("--fp16", action="store_true")
     add("--loss-scale", type=float, default=None, help="fp16: constant scale (default: dynamic)")
     add("--initial-loss-scale", type=float, default=2.0**32, help="fp16 dynamic scaling start")
+    add(
+        "--distributed-timeout-minutes",
+        type=float,
+        default=10.0,
+        help="timeout of the process group and every parallel group's collectives",
+    )
 
 
 def _data_flags(group) -> None:
@@ -150,6 +198,12 @@ def _data_flags(group) -> None:
     add("--vocab-file", default=None)
     add("--merge-file", default=None)
     add("--tokenizer-model", default=None)
+    add(
+        "--make-vocab-size-divisible-by",
+        type=int,
+        default=128,
+        help="pad the vocabulary to a multiple of this x --tensor-model-parallel-size",
+    )
 
 
 def _checkpoint_flags(group) -> None:
@@ -165,6 +219,14 @@ def _checkpoint_flags(group) -> None:
     add("--log-interval", type=int, default=10)
     add("--tensorboard-dir", default=None)
     add("--metrics-file", default=None, help="one JSON object per logged iteration")
+    add(
+        "--log-timers-to-tracker",
+        action="store_true",
+        help="write each iteration's phase times (forward-backward, optimizer) to the trackers",
+    )
+    add("--wandb-project", default=None, help="log to Weights & Biases (pip install wandb)")
+    add("--wandb-exp-name", default=None)
+    add("--wandb-save-dir", default=None)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -182,7 +244,7 @@ def check_args(args: argparse.Namespace) -> None:
     """Cross-flag rules; ValueError naming the flags."""
     positive = ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "train_iters",
                 "micro_batch_size", "tensor_model_parallel_size", "pipeline_model_parallel_size",
-                "log_interval", "eval_interval")  # fmt: skip
+                "log_interval", "eval_interval", "make_vocab_size_divisible_by")  # fmt: skip
     for name in positive:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -196,15 +258,27 @@ def check_args(args: argparse.Namespace) -> None:
             f"--max-position-embeddings {args.max_position_embeddings} is smaller than "
             f"--seq-length {args.seq_length}"
         )
+    if args.sequence_parallel and args.tensor_model_parallel_size == 1:
+        # As Megatron-LM: scripts pass --sequence-parallel for every size, TP=1 ones included.
+        logger.warning(
+            "--sequence-parallel is turned off: it needs --tensor-model-parallel-size > 1"
+        )
+        args.sequence_parallel = False
+    if not args.distributed_timeout_minutes > 0:
+        raise ValueError(
+            f"--distributed-timeout-minutes must be > 0, got {args.distributed_timeout_minutes}"
+        )
+    if not args.adam_eps > 0:
+        raise ValueError(f"--adam-eps must be > 0, got {args.adam_eps}")
     _check_conflicts(args)
+    _check_schedule_flags(args)
+    _check_tracker_flags(args)
     _check_exit_flags(args)
 
 
 def _check_conflicts(args) -> None:
     pairs = [
         (args.fp16 and args.bf16, "--fp16 and --bf16 are mutually exclusive"),
-        (args.sequence_parallel and args.tensor_model_parallel_size == 1,
-         "--sequence-parallel needs --tensor-model-parallel-size > 1"),
         (args.mock_data and args.data_path, "--mock-data and --data-path are mutually exclusive"),
         (args.num_query_groups is not None and not args.group_query_attention,
          "--num-query-groups needs --group-query-attention"),
@@ -214,6 +288,47 @@ def _check_conflicts(args) -> None:
     for bad, message in pairs:
         if bad:
             raise ValueError(message)
+
+
+def _check_schedule_flags(args) -> None:
+    if args.lr_warmup_fraction is not None:
+        if args.lr_warmup_iters:
+            raise ValueError("--lr-warmup-fraction and --lr-warmup-iters are mutually exclusive")
+        if not 0.0 <= args.lr_warmup_fraction <= 1.0:
+            raise ValueError(
+                f"--lr-warmup-fraction must be in [0, 1], got {args.lr_warmup_fraction}"
+            )
+    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
+        raise ValueError(
+            "--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler are "
+            "mutually exclusive (take the schedule from the flags, or from the checkpoint)"
+        )
+
+
+def _check_tracker_flags(args) -> None:
+    wandb_only = [f for f, v in (("--wandb-exp-name", args.wandb_exp_name),
+                                 ("--wandb-save-dir", args.wandb_save_dir)) if v]  # fmt: skip
+    if wandb_only and not args.wandb_project:
+        raise ValueError(f"{', '.join(wandb_only)} need --wandb-project")
+    if args.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise ValueError(
+            "--wandb-project: the wandb package is not installed (pip install 'ee-llm[wandb]', "
+            "or drop the --wandb-* flags)"
+        )
+    if args.log_timers_to_tracker and not (args.tensorboard_dir or args.wandb_project):
+        raise ValueError(
+            "--log-timers-to-tracker needs a tracker to write to: --tensorboard-dir or "
+            "--wandb-project"
+        )
+
+
+def check_platform_flags(args) -> None:
+    """Flags this platform cannot honour; ValueError saying why (called before building)."""
+    if args.use_flash_attn and not platform.has_transformer_engine():
+        raise ValueError(
+            "--use-flash-attn needs Transformer Engine on a CUDA device (pip install -e .[gpu]); "
+            "this platform runs megatron-core's local attention, which has no flash kernel"
+        )
 
 
 def _check_final_head_flags(args) -> None:
@@ -335,10 +450,10 @@ def model_config(args, vocab_size: int) -> EarlyExitTransformerConfig:
         params_dtype=_dtype(args),
         pipeline_dtype=_dtype(args),
         exit_heads=exits,
-        exit_loss_weight_warmup_iters=args.exit_layer_weight_warmup_iters,
-        exit_loss_weight_warmup_style=args.exit_layer_weight_warmup_style,
+        exit_loss_weight_warmup_iters=args.exit_layer_weight_warmup_iters or 0,
+        exit_loss_weight_warmup_style=args.exit_layer_weight_warmup_style or "linear",
         include_final_loss=not args.tune_exit,
-        dynamic_exit_loss_weight=args.use_dynamic_exit_layer_weight,
+        dynamic_exit_loss_weight=bool(args.use_dynamic_exit_layer_weight),
         untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
         exit_kl_weight=args.exit_kl_weight,
     )
@@ -347,7 +462,66 @@ def model_config(args, vocab_size: int) -> EarlyExitTransformerConfig:
     if args.swiglu:
         fields.update(gated_linear_unit=True, activation_func=F.silu)
     fields.update(platform.config_overrides())
+    fields.update(runtime_config_fields(args))
     return EarlyExitTransformerConfig(**fields)
+
+
+def runtime_config_fields(args) -> dict:
+    """Config fields that change how the model computes, not what (recomputation, attention
+    kernel, QK scaling): taken from the flags under ``--use-checkpoint-args`` too."""
+    fields = dict(
+        recompute_granularity=args.recompute_granularity,
+        recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers,
+    )
+    if args.query_key_layer_scaling:
+        fields["apply_query_key_layer_scaling"] = True
+    if args.use_flash_attn:
+        from megatron.core.transformer.enums import AttnBackend
+
+        fields["attention_backend"] = AttnBackend.flash
+    return fields
+
+
+# The exit-objective flags that --use-checkpoint-args keeps from the command line when given:
+# flag -> (argparse name, ExitHeadConfig field or config field, per exit?)
+EXIT_OBJECTIVE_FLAGS = {
+    "--exit-layer-weight": ("exit_layer_weight", "loss_weight", True),
+    "--exit-layer-weight-init": ("exit_layer_weight_init", "loss_weight_init", True),
+    "--exit-layer-temperature": ("exit_layer_temperature", "temperature", True),
+    "--exit-layer-weight-warmup-iters": (
+        "exit_layer_weight_warmup_iters", "exit_loss_weight_warmup_iters", False,
+    ),
+    "--exit-layer-weight-warmup-style": (
+        "exit_layer_weight_warmup_style", "exit_loss_weight_warmup_style", False,
+    ),
+    "--use-dynamic-exit-layer-weight": (
+        "use_dynamic_exit_layer_weight", "dynamic_exit_loss_weight", False,
+    ),
+}  # fmt: skip
+
+
+def exit_objective_from_flags(args, exit_heads: tuple) -> dict:
+    """``--use-checkpoint-args``: the exit-objective flags given on this command line, as config
+    overrides on top of the checkpoint's exits ``exit_heads`` (flags left out keep the
+    checkpoint's values). ValueError when a per-exit list does not have one value per exit."""
+    heads = list(exit_heads)
+    overrides: dict = {}
+    for flag, (name, field, per_exit) in EXIT_OBJECTIVE_FLAGS.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if not per_exit:
+            overrides[field] = value
+            continue
+        if len(value) != len(heads):
+            raise ValueError(
+                f"{flag}: got {len(value)} values, but the checkpoint has {len(heads)} exits "
+                f"(after layers {[e.layer_number for e in heads]}); give one value per exit"
+            )
+        heads = [dataclasses.replace(e, **{field: v}) for e, v in zip(heads, value, strict=True)]
+    overrides["exit_heads"] = tuple(heads)
+    return overrides
 
 
 def confidence_hidden_size(args) -> int:
@@ -379,16 +553,30 @@ def training_config(args) -> TrainingConfig:
         train_iters=args.train_iters,
         lr=args.lr,
         min_lr=args.min_lr,
-        lr_warmup_iters=args.lr_warmup_iters,
+        lr_warmup_iters=lr_warmup_iters(args),
         lr_decay_style=args.lr_decay_style,
         weight_decay=args.weight_decay,
         clip_grad=args.clip_grad,
         adam_beta1=args.adam_beta1,
         adam_beta2=args.adam_beta2,
+        adam_eps=args.adam_eps,
         log_interval=args.log_interval,
         loss_scale=args.loss_scale,
         initial_loss_scale=args.initial_loss_scale,
+        scheduler_source=(
+            "flags" if args.override_opt_param_scheduler
+            else "checkpoint" if args.use_checkpoint_opt_param_scheduler
+            else "check"
+        ),
     )
+
+
+def lr_warmup_iters(args) -> int:
+    """``--lr-warmup-iters``, or ``--lr-warmup-fraction`` of ``--train-iters`` (Megatron's
+    rounding down)."""
+    if args.lr_warmup_fraction is not None:
+        return int(args.lr_warmup_fraction * args.train_iters)
+    return args.lr_warmup_iters
 
 
 def run_settings(args, data_parallel_size: int) -> RunSettings:

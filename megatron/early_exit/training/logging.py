@@ -1,4 +1,5 @@
-"""Run logging: console progress, TensorBoard scalars and a JSON-lines metrics file.
+"""Run logging: console progress, TensorBoard and Weights & Biases scalars and a JSON-lines
+metrics file. ``--log-timers-to-tracker`` adds each iteration's phase times to the trackers.
 
 Losses arrive already averaged over microbatches, pipeline stages and data-parallel replicas, so
 only global rank 0 writes.
@@ -37,6 +38,17 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._board = SummaryWriter(log_dir=args.tensorboard_dir)
+        self._wandb = None
+        if self.enabled and args.wandb_project:
+            import wandb  # presence checked with the flags
+
+            wandb.init(
+                project=args.wandb_project,
+                name=args.wandb_exp_name,
+                dir=args.wandb_save_dir,
+                config={k: v for k, v in vars(args).items() if _is_plain(v)},
+            )
+            self._wandb = wandb
         self._times: list[float] = []
         self._start_iteration = 0
 
@@ -54,6 +66,9 @@ class RunLogger:
             return
         record = _record(metrics, self.tokens_per_iteration / seconds)
         self._scalars("train", metrics.iteration, record)
+        if self.args.log_timers_to_tracker:
+            timers = {"iteration": seconds, **metrics.extra.get("timers", {})}
+            self._scalars("timers", metrics.iteration, timers)
         if (
             metrics.iteration % self.args.log_interval
             and metrics.iteration != self.args.train_iters
@@ -99,6 +114,8 @@ class RunLogger:
             self._metrics.close()
         if self._board:
             self._board.close()
+        if self._wandb is not None:
+            self._wandb.finish()
 
     def _progress_line(self, metrics: IterationMetrics, record: dict) -> str:
         recent = self._times[-self.args.log_interval :]
@@ -122,10 +139,12 @@ class RunLogger:
         )
 
     def _scalars(self, prefix: str, step: int, values: dict) -> None:
-        if self._board is None:
-            return
-        for name, value in _flatten(values).items():
-            self._board.add_scalar(f"{prefix}/{name}", value, step)
+        flat = {f"{prefix}/{name}": value for name, value in _flatten(values).items()}
+        if self._board is not None:
+            for name, value in flat.items():
+                self._board.add_scalar(name, value, step)
+        if self._wandb is not None:
+            self._wandb.log(flat, step=step)
 
 
 def _record(metrics: IterationMetrics, tokens_per_second: float) -> dict:
@@ -152,6 +171,10 @@ def _flatten(values: dict, prefix: str = "") -> dict:
         elif isinstance(value, int | float) and value is not None:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def _is_plain(value) -> bool:
+    return value is None or isinstance(value, str | int | float | bool | list)
 
 
 def _is_head_loss(key: str) -> bool:

@@ -49,9 +49,22 @@ class TrainingConfig:
     clip_grad: float = 1.0  # --clip-grad
     adam_beta1: float = 0.9  # --adam-beta1
     adam_beta2: float = 0.95  # --adam-beta2
+    adam_eps: float = 1e-8  # --adam-eps
     log_interval: int = 10  # --log-interval
     loss_scale: float | None = None  # --loss-scale (fp16: constant; None = dynamic)
     initial_loss_scale: float = 2.0**32  # --initial-loss-scale (fp16 dynamic scaling)
+    scheduler_source: str = "check"
+    """On load, the LR/WD schedule: ``"check"`` (the checkpoint's must equal this config's, or
+    the load stops naming the differences), ``"flags"`` (this config's, continued from the
+    checkpoint's step: --override-opt_param-scheduler) or ``"checkpoint"`` (the checkpoint's:
+    --use-checkpoint-opt_param-scheduler)."""
+
+    def __post_init__(self) -> None:
+        if self.scheduler_source not in ("check", "flags", "checkpoint"):
+            raise ValueError(
+                f"scheduler_source: expected 'check', 'flags' or 'checkpoint', got "
+                f"{self.scheduler_source!r}"
+            )
 
 
 @dataclass
@@ -150,6 +163,7 @@ def setup_trainer(
             weight_decay=training.weight_decay,
             adam_beta1=training.adam_beta1,
             adam_beta2=training.adam_beta2,
+            adam_eps=training.adam_eps,
             clip_grad=training.clip_grad,
             use_distributed_optimizer=distributed_optimizer,
             loss_scale=training.loss_scale,
@@ -172,6 +186,8 @@ def setup_trainer(
         end_wd=training.weight_decay,
         wd_incr_steps=training.train_iters,
         wd_incr_style="constant",
+        override_opt_param_scheduler=training.scheduler_source == "flags",
+        use_checkpoint_opt_param_scheduler=training.scheduler_source == "checkpoint",
     )
     return Trainer(ddp, optimizer, scheduler, config, training, 0, mode, fill, defer_exits)
 
@@ -226,8 +242,10 @@ def train_step(
     trainer.model.zero_grad_buffer()
     trainer.optimizer.zero_grad()
     lm_loss, exit_losses, exit_terms = forward_backward(trainer, microbatches, fill_microbatches)
+    forward_backward_done = time.perf_counter()
     finalize_model_grads([trainer.model])
     update_successful, grad_norm, _ = trainer.optimizer.step()
+    optimizer_done = time.perf_counter()
     weights = exit_loss_weights(trainer.config, trainer.iteration)
     lr = trainer.optimizer.param_groups[0]["lr"]
     if update_successful:  # an fp16 overflow skips the update and the schedule step
@@ -242,6 +260,12 @@ def train_step(
         lr=lr,
         grad_norm=None if grad_norm is None else float(grad_norm),
         tokens_per_second=tokens / (time.perf_counter() - start),
+        extra={
+            "timers": {  # seconds (--log-timers-to-tracker)
+                "forward-backward": forward_backward_done - start,
+                "grads-reduce-and-optimizer": optimizer_done - forward_backward_done,
+            }
+        },
         exit_terms=exit_terms,
     )
 

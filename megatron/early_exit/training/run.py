@@ -11,17 +11,19 @@ only the layers up to the deepest exit, over K pipeline stages; see :func:`parti
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from megatron.core import parallel_state
 
 from megatron.early_exit import platform
-from megatron.early_exit.checkpoint.record import config_from_checkpoint
+from megatron.early_exit.checkpoint.record import CheckpointError, config_from_checkpoint
 from megatron.early_exit.checkpoint.sharded import PartialBackbone
-from megatron.early_exit.checkpoint.store import read_checkpoint_info
+from megatron.early_exit.checkpoint.store import TRACKER_FILENAME, read_checkpoint_info
 from megatron.early_exit.config import EarlyExitTransformerConfig
 from megatron.early_exit.data.datasets import build_gpt_datasets
 from megatron.early_exit.data.default_corpus import default_training_data
@@ -35,10 +37,16 @@ from megatron.early_exit.training.batches import causal_mask
 from megatron.early_exit.training.logging import RunLogger
 from megatron.early_exit.training.loop import Trainer, evaluate, setup_trainer, train_step
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class DataSource:
-    """Deterministic microbatches by position: iteration t, data-parallel rank r."""
+    """Deterministic microbatches by position in the training samples: an iteration takes the
+    next :attr:`samples_per_iteration` samples after :attr:`consumed_samples`, data-parallel
+    rank r the r-th slice of them. The position is the count of samples consumed, as Megatron's
+    ``consumed_train_samples``, so a resume with another data-parallel size or global batch
+    continues where the saved run stopped."""
 
     train: object
     valid: object | None
@@ -47,20 +55,23 @@ class DataSource:
     num_fill: int
     data_parallel_rank: int
     data_parallel_size: int
+    consumed_samples: int = 0
 
     @property
     def samples_per_iteration(self) -> int:
         per_replica = self.micro_batch_size * (self.num_microbatches + self.num_fill)
         return per_replica * self.data_parallel_size
 
-    def iteration(self, iteration: int) -> tuple[list[dict], list[dict]]:
-        """The real and fill microbatches of ``iteration`` on this data-parallel rank."""
+    def next_iteration(self) -> tuple[list[dict], list[dict]]:
+        """The real and fill microbatches of the next iteration on this data-parallel rank;
+        advances :attr:`consumed_samples` by one iteration's samples (all ranks')."""
         per_replica = self.micro_batch_size * (self.num_microbatches + self.num_fill)
-        start = iteration * self.samples_per_iteration + self.data_parallel_rank * per_replica
+        start = self.consumed_samples + self.data_parallel_rank * per_replica
         batches = [
             self._batch(self.train, start + i * self.micro_batch_size)
             for i in range(self.num_microbatches + self.num_fill)
         ]
+        self.consumed_samples += self.samples_per_iteration
         return batches[: self.num_microbatches], batches[self.num_microbatches :]
 
     def validation(self, num_batches: int) -> list[dict]:
@@ -80,9 +91,9 @@ class DataSource:
         return {k: v.to(platform.device()) for k, v in batch.items()}
 
 
-def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int) -> int:
-    """Megatron-LM's padding: a multiple of 128 * TP."""
-    multiple = 128 * tensor_model_parallel_size
+def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int, divisor: int = 128) -> int:
+    """Megatron-LM's padding: a multiple of ``--make-vocab-size-divisible-by`` x TP."""
+    multiple = divisor * tensor_model_parallel_size
     return -(-vocab_size // multiple) * multiple
 
 
@@ -138,15 +149,21 @@ def _description(tokenizer_type, vocab_file=None, merge_file=None, tokenizer_mod
     }
 
 
-def build_data(args, tokenizer, settings, num_fill: int, seq_length: int) -> DataSource:
+def build_data(
+    args, tokenizer, settings, num_fill: int, seq_length: int, resume=(0, 0)
+) -> DataSource:
+    """The run's data, positioned at ``resume = (iteration, consumed samples)``."""
     dp_size = parallel_state.get_data_parallel_world_size()
     per_iteration = settings.micro_batch_size * (settings.num_microbatches + num_fill) * dp_size
     eval_samples = args.eval_iters * settings.micro_batch_size
+    iteration, consumed = resume
+    num_train = max(args.train_iters * per_iteration,
+                    consumed + max(args.train_iters - iteration, 0) * per_iteration)  # fmt: skip
     datasets = build_gpt_datasets(
         tokenizer,
         seq_length=seq_length,
         seed=args.seed,
-        num_samples=(args.train_iters * per_iteration, eval_samples, 0),
+        num_samples=(num_train, eval_samples, 0),
         data_path=args.data_path,
         split=args.split,
         mock_data=args.mock_data,
@@ -159,12 +176,20 @@ def build_data(args, tokenizer, settings, num_fill: int, seq_length: int) -> Dat
         num_fill,
         parallel_state.get_data_parallel_rank(),
         dp_size,
+        consumed_samples=consumed,
     )
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Train; returns the final evaluation (``lm_loss`` and every ``exit_<depth>``)."""
     args = arguments.parse_args(argv)
+    try:
+        arguments.check_platform_flags(args)
+    except ValueError as error:
+        arguments.build_parser().error(str(error))
+    _checkpoint_or_fresh_start(args)
+    if args.query_key_layer_scaling:  # Transformer Engine reads it here, as Megatron-LM sets it
+        os.environ["NVTE_APPLY_QK_LAYER_SCALING"] = "1"
     if args.tune_exit_pipeline_parallel_size is not None:
         # The original's P, the checkpoint's stages; this run has K (see partial_num_layers),
         # built from the complete model's config at one stage.
@@ -173,7 +198,10 @@ def main(argv: list[str] | None = None) -> dict:
     recorded = info.model_args.get("tokenizer") if info is not None else None
     tokenizer, tokenizer_info = build_tokenizer_from_args(args, recorded)
     if info is None:
-        vocab_size = padded_vocab_size(tokenizer.vocab_size, args.tensor_model_parallel_size)
+        vocab_size = padded_vocab_size(
+            tokenizer.vocab_size, args.tensor_model_parallel_size,
+            args.make_vocab_size_divisible_by,
+        )  # fmt: skip
         shape = _shape_from_flags(args, _config_or_exit(args, vocab_size), vocab_size)
     else:  # the checkpoint's model (activation, exits, vocab) in this run's layout
         shape = _shape_from_checkpoint(args, info)
@@ -186,10 +214,11 @@ def main(argv: list[str] | None = None) -> dict:
         config.pipeline_model_parallel_size,
         seed=args.seed,
         embedding_stages=tied_exit_stages(config),
+        timeout_s=args.distributed_timeout_minutes * 60.0,
     )
     settings = arguments.run_settings(args, parallel_state.get_data_parallel_world_size())
     num_fill = _num_fill(config, settings)
-    data = build_data(args, tokenizer, settings, num_fill, shape.seq_length)
+    data = build_data(args, tokenizer, settings, num_fill, shape.seq_length, _resume_position(args))
     model = _build_model(shape, partial)
     trainer = setup_trainer(
         model,
@@ -200,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
         distributed_optimizer=settings.use_distributed_optimizer,
     )
     if args.load:
-        trainer.load_checkpoint(args.load, finetune=args.finetune, partial=partial)
+        _load(args, trainer, partial)
     logger = RunLogger(
         args, config, tokens_per_iteration=data.samples_per_iteration * shape.seq_length
     )
@@ -209,6 +238,58 @@ def main(argv: list[str] | None = None) -> dict:
     logger.close()
     platform.destroy()
     return result
+
+
+def _resume_position(args) -> tuple[int, int]:
+    """``(iteration, consumed samples)`` a ``--load`` continues from: the checkpoint's saved
+    ``consumed_samples`` (not iteration x this run's global batch, which differs when the
+    data-parallel size or the global batch changed); ``(0, 0)`` for a fresh start or
+    ``--finetune``."""
+    if not args.load or args.finetune:
+        return 0, 0
+    try:
+        info = read_checkpoint_info(args.load)
+    except CheckpointError as error:
+        arguments.build_parser().error(f"--load {args.load}: {error}")
+    consumed = (info.data_state or {}).get("consumed_samples")
+    if consumed is None and info.iteration == 0:  # a conversion tool's checkpoint
+        consumed = 0
+    if consumed is None:
+        arguments.build_parser().error(
+            f"--load {args.load}: the checkpoint (iteration {info.iteration}) records no "
+            "consumed_samples, so the data position to resume from is unknown; start from its "
+            "weights with --finetune"
+        )
+    return info.iteration, int(consumed)
+
+
+def _load(args, trainer: Trainer, partial) -> None:
+    try:
+        trainer.load_checkpoint(args.load, finetune=args.finetune, partial=partial)
+    except CheckpointError as error:
+        arguments.build_parser().error(f"--load {args.load}: {error}")
+
+
+def _checkpoint_or_fresh_start(args) -> None:
+    """Megatron's ``--load`` of a directory without a checkpoint (no tracker file yet, e.g. the
+    first job of a requeued series): start fresh with a warning. Flags that only make sense
+    with a checkpoint stop with an error instead."""
+    if not args.load or (Path(args.load) / TRACKER_FILENAME).is_file():
+        return
+    needs = [flag for flag, on in (
+        ("--use-checkpoint-args", args.use_checkpoint_args), ("--finetune", args.finetune),
+        ("--tune-exit-pipeline-parallel-size", args.tune_exit_pipeline_parallel_size),
+    ) if on]  # fmt: skip
+    if needs:
+        arguments.build_parser().error(
+            f"--load {args.load}: no checkpoint there ({TRACKER_FILENAME} missing), which "
+            f"{', '.join(needs)} need"
+        )
+    logger.warning(
+        "--load %s: no checkpoint there (%s missing); training starts from scratch",
+        args.load, TRACKER_FILENAME,
+    )  # fmt: skip
+    args.load = None
 
 
 @dataclass(frozen=True)
@@ -240,7 +321,7 @@ def _train_loop(args, trainer: Trainer, data: DataSource, logger, model_args, pa
     logger.start(trainer.iteration)
     while trainer.iteration < args.train_iters:
         start = time.perf_counter()
-        microbatches, fills = data.iteration(trainer.iteration)
+        microbatches, fills = data.next_iteration()
         metrics = train_step(trainer, microbatches, fills)
         logger.iteration(metrics, time.perf_counter() - start)
         if data.valid is not None and trainer.iteration % args.eval_interval == 0:
@@ -259,10 +340,9 @@ def _train_loop(args, trainer: Trainer, data: DataSource, logger, model_args, pa
 
 
 def _save(args, trainer, data: DataSource, model_args: dict, partial) -> None:
-    consumed = trainer.iteration * data.samples_per_iteration
     trainer.save_checkpoint(
         args.save,
-        data_state={"consumed_samples": consumed},
+        data_state={"consumed_samples": data.consumed_samples},
         model_args=model_args,
         partial=partial,
     )
@@ -377,10 +457,19 @@ def _build_model(shape: ModelShape, partial) -> EarlyExitGPTModel:
 
 
 def _shape_from_checkpoint(args, info) -> ModelShape:
-    """``--use-checkpoint-args``: the checkpoint's model (shape, exits, vocab, positions,
-    training sequence length) with this run's layout, precision and training objective. The
-    model-shape flags are not read; the exits' loss weights and temperatures are the
-    checkpoint's."""
+    """``--use-checkpoint-args``: the checkpoint's model with this run's layout, precision and
+    training objective.
+
+    From the checkpoint: the model shape (every field of ``record.MODEL_CONFIG_FIELDS``; the
+    shape flags are not read), the exits' positions and structures (``--exit-layer-nums`` and
+    the structure flags are not read), vocab size, position embeddings, training sequence
+    length and tokenizer (unless ``--tokenizer-type`` is given).
+    From the command line: layout (TP/PP/SP), precision, recomputation and attention kernel,
+    ``--tune-exit``, distillation and confidence-head flags, and each exit-objective flag of
+    ``arguments.EXIT_OBJECTIVE_FLAGS`` that is given (``--exit-layer-weight``,
+    ``--exit-layer-weight-init``, ``--exit-layer-temperature``, the weight warm-up flags,
+    ``--use-dynamic-exit-layer-weight``); one left out keeps the checkpoint's value.
+    """
     model = info.model
     return ModelShape(
         config=_checkpoint_config(args, info),
@@ -410,12 +499,14 @@ def _checkpoint_config(args, info):
     )
     if args.exit_confidence_loss_weight is not None:
         overrides["exit_confidence_loss_weight"] = args.exit_confidence_loss_weight
+    overrides.update(arguments.runtime_config_fields(args))
     try:
         heads = tuple(
             dataclasses.replace(e, confidence_hidden_size=_confidence_width(args, e))
             for e in config_from_checkpoint(info).exit_heads
         )
-        config = config_from_checkpoint(info, **overrides, exit_heads=heads)
+        overrides.update(arguments.exit_objective_from_flags(args, heads))
+        config = config_from_checkpoint(info, **overrides)
         config.check_trainable_final_head_targets()
         return config
     except ValueError as error:
