@@ -61,7 +61,7 @@ import torch.nn.functional as F
 
 from megatron.early_exit.checkpoint.convert import ConversionError, target_layout_problems
 from megatron.early_exit.checkpoint.hf import load_megatron_state_dict
-from megatron.early_exit.checkpoint.loading import build_model
+from megatron.early_exit.checkpoint.loading import LOCAL_SPEC, build_model
 from megatron.early_exit.checkpoint.store import save_checkpoint
 from megatron.early_exit.config import EarlyExitTransformerConfig, ExitHeadConfig
 
@@ -766,7 +766,7 @@ def legacy_to_model(
         ),
     )  # fmt: skip
     state = legacy_to_state_dict(ckpt, described)
-    fields = dict(described.config_kwargs, **platform.config_overrides())
+    fields = {**described.config_kwargs, **platform.config_overrides(), **LOCAL_SPEC}
     if "bias_activation_fusion" in described.config_kwargs:
         fields["bias_activation_fusion"] = described.config_kwargs["bias_activation_fusion"]
     try:
