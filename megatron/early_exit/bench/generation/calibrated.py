@@ -1,0 +1,136 @@
+"""``--target-agreement``: a benchmark row at a Learn-then-Test calibrated threshold.
+
+The calibration data (per-token confidences and agreements of every exit, see
+``inference/calibrate.py``) comes from ``--calibration-data`` (a file written by
+:meth:`CalibrationData.save`, or by this run with ``--save-calibration-data``) or is collected
+here from ``--calibration-text`` with one no-cache forward per window (single process only).
+It is split by window: ``--calibration-test-fraction`` of the windows are held out and the
+certified threshold's realised agreement on them is reported beside the calibration numbers.
+The threshold then joins ``--thresholds``, so ``recompute`` gets a row at it; the benchmark's own
+agreement column is the sequence-level check of the per-token certificate.
+
+The calibration text must not contain the benchmark's prompts (a calibration on the test data
+certifies nothing); no default is taken for that reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from megatron.early_exit.inference.calibrate import (
+    CalibrationData,
+    agreement_report,
+    calibrate_threshold,
+    collect_calibration_data,
+)
+from megatron.early_exit.inference.exit_quality import token_windows
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("calibrated thresholds (Learn-then-Test)")
+    add = group.add_argument
+    add("--target-agreement", type=float, default=None,
+        help="add a row at the threshold certified to reach this token agreement with full "
+        "decoding with probability 1 - --calibration-delta")  # fmt: skip
+    add("--calibration-delta", type=float, default=0.1, help="1 - confidence of the certificate")
+    add("--calibration-data", default=None, help="calibration data file (CalibrationData.save)")
+    add("--calibration-text", default=None,
+        help="JSONL ({'text': ...}) or plain text to collect calibration data from; must not "
+        "contain the benchmark prompts")  # fmt: skip
+    add("--calibration-seq-length", type=int, default=128, help="tokens per calibration window")
+    add("--calibration-windows", type=int, default=32, help="calibration windows to collect")
+    add("--calibration-test-fraction", type=float, default=0.3,
+        help="share of windows held out to report the realised agreement")  # fmt: skip
+    add("--calibration-unit", default="token", choices=("token", "sequence"),
+        help="the i.i.d. unit of the test (see inference/calibrate.py)")  # fmt: skip
+    add("--save-calibration-data", default=None, help="write the collected data here")
+
+
+def check_flags(args: argparse.Namespace) -> list[str]:
+    """Problems with the calibration flags (empty when fine)."""
+    problems = []
+    if args.target_agreement is None:
+        return problems
+    if not 0.0 < args.target_agreement <= 1.0:
+        problems.append(f"--target-agreement must be in (0, 1], got {args.target_agreement}")
+    if not 0.0 < args.calibration_delta < 1.0:
+        problems.append(f"--calibration-delta must be in (0, 1), got {args.calibration_delta}")
+    if (args.calibration_data is None) == (args.calibration_text is None):
+        problems.append("--target-agreement needs exactly one of --calibration-data and "
+                        "--calibration-text")  # fmt: skip
+    if not 0.0 < args.calibration_test_fraction < 1.0:
+        problems.append("--calibration-test-fraction must be in (0, 1)")
+    if min(args.calibration_seq_length, args.calibration_windows) < 1:
+        problems.append("--calibration-seq-length and --calibration-windows must be >= 1")
+    return problems
+
+
+def read_calibration_texts(path: str | Path) -> list[str]:
+    """Texts of a JSONL file (``text`` field) or, for other files, the whole file as one text."""
+    path = Path(path)
+    if path.suffix != ".jsonl":
+        return [path.read_text(encoding="utf-8")]
+    texts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f"{path}:{number}: no 'text' string")
+            texts.append(record["text"])
+    return texts
+
+
+def load_or_collect(args: argparse.Namespace, model, tokenizer, world_size: int) -> CalibrationData:
+    """The calibration data the flags name, collected in this process if need be."""
+    if args.calibration_data:
+        data = CalibrationData.load(args.calibration_data)
+        if data.measure != args.confidence_measure:
+            raise ValueError(
+                f"{args.calibration_data} holds {data.measure!r} confidences, the run uses "
+                f"--confidence-measure {args.confidence_measure}"
+            )
+        return data
+    if world_size > 1:
+        raise ValueError("--calibration-text collects in one process; pass --calibration-data")
+    length = args.calibration_seq_length
+    ids: list[int] = []
+    for text in read_calibration_texts(args.calibration_text):
+        ids += [*tokenizer.tokenize(text), tokenizer.eod]
+        if len(ids) >= args.calibration_windows * length:
+            break
+    windows = token_windows(ids, length, args.calibration_windows)
+    data = collect_calibration_data(model, windows, args.confidence_measure)
+    if args.save_calibration_data:
+        data.save(args.save_calibration_data)
+    return data
+
+
+def calibrated_threshold(
+    args: argparse.Namespace, model, tokenizer, world_size: int, log
+) -> tuple[float | None, dict]:
+    """``(threshold or None, summary)``: None when the target cannot be certified (the summary
+    says why; no row is faked)."""
+    data = load_or_collect(args, model, tokenizer, world_size)
+    model_depths = sorted(e.depth for e in model.config.exit_heads)
+    if list(data.depths) != model_depths:
+        raise ValueError(f"calibration data exits {data.depths} != model exits {model_depths}")
+    calibration, test = data.split(1.0 - args.calibration_test_fraction, seed=args.seed)
+    result = calibrate_threshold(
+        calibration, args.target_agreement, args.calibration_delta, unit=args.calibration_unit
+    )
+    summary = {"calibration": result.as_dict(), "test_tokens": test.num_tokens}
+    if not result.certified:
+        log(f"calibrated threshold: none ({result.reason})")
+        return None, summary
+    report = agreement_report(test, result.threshold, model.config.num_layers)
+    summary["test"] = report.as_dict()
+    log(
+        f"calibrated threshold {result.threshold:g} for agreement >= {args.target_agreement} "
+        f"with probability {1 - args.calibration_delta:g} ({result.num_units} {result.unit}s): "
+        f"calibration agreement {result.calibration_agreement:.3f}, exit rate "
+        f"{result.calibration_exit_rate:.3f}; held-out {test.num_tokens} tokens: agreement "
+        f"{report.agreement:.3f}, exit rate {report.exit_rate:.3f}"
+    )
+    return result.threshold, summary
