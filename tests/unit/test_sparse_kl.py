@@ -89,3 +89,13 @@ def test_bad_inputs_are_named():
         sparse_exit_kl(states[:, :3], weight, ids, log_probs)
     with pytest.raises(ValueError, match="num_sampled"):
         sparse_exit_kl(states, weight, ids, log_probs, -1)
+
+
+def test_timing_script_times_dense_and_sparse(capsys):
+    from megatron.early_exit.bench.sparse_kl import main
+
+    argv = ["--hidden", "8", "--vocab", "64", "--tokens", "4", "--ks", "8", "64", "--rounds", "1"]
+    timings = main(argv)
+    assert list(timings) == ["dense", "sparse k=8 m=256", "sparse k=64 m=256"]
+    assert timings["sparse k=64 m=256"]["relative_kl_error"] < 1e-5  # k = V: exact
+    assert "tokens/s" in capsys.readouterr().out
