@@ -73,6 +73,12 @@ def calibrate_worker(rank: int, world_size: int, tmp: str) -> dict:
             "thresholds": [r["threshold"] for r in report["rows"]],
             "calibration": report["meta"]["calibration"],
         }
+    from megatron.early_exit.bench.generation import calibrated
+
+    out["tool"] = calibrated.main([
+        "--load", str(checkpoint), "--calibration-data", str(Path(tmp) / "data0.9.pt"),
+        "--targets", "0.9", "1.0", "--output-json", str(Path(tmp) / "cal.json"),
+    ])  # fmt: skip
     return out
 
 
@@ -101,3 +107,10 @@ def test_uncertifiable_target_adds_no_row(result):
     calibration = result[1.0]["calibration"]["calibration"]
     assert not calibration["certified"] and "not certifiable" in calibration["reason"]
     assert result[1.0]["thresholds"] == [None, 1.0]
+
+
+def test_calibration_tool_reports_the_held_out_split(result):
+    certified, refused = result["tool"]
+    assert certified["certified"] and 0.0 <= certified["test"]["agreement"] <= 1.0
+    assert 0.0 < certified["test"]["mean_depth_fraction"] <= 1.0
+    assert not refused["certified"] and "test" not in refused

@@ -134,3 +134,78 @@ def calibrated_threshold(
         f"{report.agreement:.3f}, exit rate {report.exit_rate:.3f}"
     )
     return result.threshold, summary
+
+
+# ---------------------------------------------------------------------------------------------
+# tools/calibrate_exits.py: calibration and its held-out report, without the benchmark
+# ---------------------------------------------------------------------------------------------
+
+
+def calibration_table(data: CalibrationData, targets, delta: float, unit: str, test_fraction: float,
+                      num_layers: int | None = None, seed: int = 0) -> list[dict]:  # fmt: skip
+    """One row per target: the certified threshold and its agreement, exit rate and mean depth
+    on the calibration split and on the held-out split."""
+    calibration, test = data.split(1.0 - test_fraction, seed=seed)
+    rows = []
+    for target in targets:
+        result = calibrate_threshold(calibration, target, delta, unit=unit)
+        row = {"target": target, "delta": delta, **result.as_dict()}
+        if result.certified:
+            row["test"] = agreement_report(test, result.threshold, num_layers).as_dict()
+        rows.append(row)
+    return rows
+
+
+def format_calibration_table(rows: list[dict]) -> str:
+    lines = [f"{'target':>7}{'delta':>7}{'thr':>7}{'cal agree':>10}{'cal exit':>9}"
+             f"{'test agree':>11}{'test exit':>10}{'depth':>7}"]  # fmt: skip
+    for row in rows:
+        if not row["certified"]:
+            lines.append(f"{row['target']:>7g}{row['delta']:>7g}  never exit (not certifiable)")
+            continue
+        test = row["test"]
+        lines.append(
+            f"{row['target']:>7g}{row['delta']:>7g}{row['threshold']:>7.3f}"
+            f"{row['calibration_agreement']:>10.3f}{row['calibration_exit_rate']:>9.3f}"
+            f"{test['agreement']:>11.3f}{test['exit_rate']:>10.3f}"
+            f"{test['mean_depth_fraction']:>7.3f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list[dict]:
+    from megatron.early_exit import platform
+    from megatron.early_exit.checkpoint.loading import load_for_inference
+    from megatron.early_exit.inference.decide import CONFIDENCE_MEASURES
+
+    parser = argparse.ArgumentParser(description="Learn-then-Test exit thresholds of a checkpoint")
+    parser.add_argument("--load", required=True)
+    parser.add_argument("--confidence-measure", default="max_prob", choices=CONFIDENCE_MEASURES)
+    parser.add_argument("--targets", type=float, nargs="+", default=[0.8, 0.9, 0.95])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output-json", default=None)
+    add_flags(parser)
+    args = parser.parse_args(argv)
+    args.target_agreement = args.targets[0]
+    problems = check_flags(args)
+    if any(not 0.0 < t <= 1.0 for t in args.targets):
+        problems.append(f"--targets must lie in (0, 1], got {args.targets}")
+    if problems:
+        parser.error("; ".join(problems))
+    loaded = load_for_inference(args.load)
+    data = load_or_collect(args, loaded.model, loaded.tokenizer, world_size=1)
+    rows = calibration_table(
+        data, args.targets, args.calibration_delta, args.calibration_unit,
+        args.calibration_test_fraction, loaded.model.config.num_layers, args.seed,
+    )  # fmt: skip
+    print(
+        f"{args.load}: {data.num_tokens} tokens, exits {list(data.depths)}, measure "
+        f"{data.measure}, unit {args.calibration_unit}, held-out share "
+        f"{args.calibration_test_fraction}"
+    )
+    print(format_calibration_table(rows))
+    if args.output_json:
+        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output_json).write_text(json.dumps(rows, indent=1, default=str) + "\n")
+    platform.destroy()
+    return rows
