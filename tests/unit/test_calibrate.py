@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 
+from megatron.early_exit.bench.calibration_coverage import DEPTHS, coverage, synthetic
 from megatron.early_exit.inference.calibrate import (
     DEFAULT_GRID,
     CalibrationData,
@@ -26,18 +27,6 @@ from megatron.early_exit.inference.calibrate import (
     threshold_for_target,
     token_losses,
 )
-
-POWERS = (3.0, 2.0, 1.0)
-DEPTHS = (4, 8, 12)
-
-
-def synthetic(num_tokens: int, seed: int, tokens_per_sequence: int = 50) -> CalibrationData:
-    generator = torch.Generator().manual_seed(seed)
-    scores = torch.rand(num_tokens, len(POWERS), generator=generator)
-    p_agree = scores ** torch.tensor(POWERS)
-    agrees = torch.rand(num_tokens, len(POWERS), generator=generator) < p_agree
-    sequence_ids = torch.arange(num_tokens) // tokens_per_sequence
-    return CalibrationData(DEPTHS, scores, agrees, sequence_ids, "max_prob")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -161,3 +150,9 @@ def test_split_and_save_round_trip(tmp_path):
     data.save(tmp_path / "c.pt")
     loaded = CalibrationData.load(tmp_path / "c.pt")
     assert torch.equal(loaded.confidence, data.confidence) and loaded.depths == DEPTHS
+
+
+def test_coverage_tool_counts_misses(fresh):
+    row = coverage(0.9, 0.2, 2000, 5, "token", "binomial", fresh)
+    assert row["uncertified"] == 0 and 0.0 <= row["miss_rate"] <= 1.0
+    assert 0.85 < row["median_agreement"] < 0.97 and row["median_threshold"] < 1.0
