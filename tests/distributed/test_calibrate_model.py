@@ -24,7 +24,11 @@ def calibrate_worker(rank: int, world_size: int, tmp: str) -> dict:
     from megatron.early_exit import platform
     from megatron.early_exit.bench.generation.cli import main
     from megatron.early_exit.checkpoint.store import save_checkpoint
-    from megatron.early_exit.inference.calibrate import collect_calibration_data
+    from megatron.early_exit.inference.calibrate import (
+        collect_calibration_data,
+        collect_on_generations,
+        greedy_continuations,
+    )
     from megatron.early_exit.inference.decide import confidence
     from megatron.early_exit.model.builder import build_early_exit_model
     from tests.distributed.test_learned_exit import learned_config
@@ -50,6 +54,16 @@ def calibrate_worker(rank: int, world_size: int, tmp: str) -> dict:
     learned = collect_calibration_data(model, windows, "learned")
     out["learned_range"] = (float(learned.confidence.min()), float(learned.confidence.max()))
     out["learned_agree_equal"] = bool(torch.equal(learned.agrees, expected_agree))
+    prompts = windows[:, :5]
+    sequences = greedy_continuations(model, prompts, 4, batch_size=2)
+    final, exits = no_cache_forward(model, sequences)
+    out["greedy"] = bool(torch.equal(sequences[:, 5:], final[:, 4:8].argmax(-1)))
+    generated = collect_on_generations(model, prompts, 4, "max_prob", batch_size=2)
+    kept_agree = torch.stack(
+        [(exits[d].argmax(-1) == final.argmax(-1))[:, 4:].reshape(-1) for d in depths], dim=1
+    )
+    out["generated_tokens"] = generated.num_tokens
+    out["generated_agree_equal"] = bool(torch.equal(generated.agrees, kept_agree))
 
     config = tiny_config("llama", init_method_std=0.3)
     model = build_early_exit_model(config, 257, 128, position_embedding_type="rope", seed=11)
@@ -60,7 +74,8 @@ def calibrate_worker(rank: int, world_size: int, tmp: str) -> dict:
     prompts.write_text("Once upon a time\nIt was a bright cold day\n")
     text.write_text(json.dumps({"text": TEXT}) + "\n")
     for target in (0.9, 1.0):
-        argv = [
+        generate = ["--calibration-generate", "8"] if target == 1.0 else []
+        argv = [*generate,
             "--load", str(checkpoint), "--prompts-file", str(prompts), "--max-new-tokens", "4",
             "--repeats", "1", "--methods", "recompute", "--thresholds", "1.0",
             "--target-agreement", str(target), "--calibration-text", str(text),
@@ -114,3 +129,9 @@ def test_calibration_tool_reports_the_held_out_split(result):
     assert certified["certified"] and 0.0 <= certified["test"]["agreement"] <= 1.0
     assert 0.0 < certified["test"]["mean_depth_fraction"] <= 1.0
     assert not refused["certified"] and "test" not in refused
+
+
+def test_generations_are_greedy_and_keep_only_their_positions(result):
+    assert result["greedy"]
+    assert result["generated_tokens"] == 3 * 5  # positions 4..8 of 3 sequences
+    assert result["generated_agree_equal"]

@@ -174,17 +174,21 @@ def collect_calibration_data(
     windows: torch.Tensor,
     measure: str = DEFAULT_CONFIDENCE_MEASURE,
     batch_size: int = 1,
+    from_position: int = 0,
 ) -> CalibrationData:
     """Confidences and agreements of every exit at every position of ``windows[n, s]`` (token
     ids), from megatron's own no-cache causal forward (single process, PP=1, all exits on).
 
     ``measure`` is any of ``CONFIDENCE_MEASURES``; ``"learned"`` reads the exits' confidence
-    heads from the state each exit's output layer receives.
+    heads from the state each exit's output layer receives. Only positions ``>= from_position``
+    are kept (e.g. the positions of a greedy continuation, see :func:`collect_on_generations`).
     """
     if measure not in CONFIDENCE_MEASURES:
         raise ValueError(f"measure must be one of {CONFIDENCE_MEASURES}, got {measure!r}")
     if windows.dim() != 2 or windows.shape[1] < 1:
         raise ValueError(f"windows must be [n, s] token ids, got {tuple(windows.shape)}")
+    if not 0 <= from_position < windows.shape[1]:
+        raise ValueError(f"from_position must be in [0, {windows.shape[1]}), got {from_position}")
     model.eval()
     depths = sorted(e.depth for e in model.local_exit_configs)
     if not depths:
@@ -209,19 +213,20 @@ def collect_calibration_data(
             mask = torch.ones(1, 1, s, s, dtype=torch.bool).triu(1)
             positions = torch.arange(s).unsqueeze(0).expand(b, -1)
             final, exits = model(batch, positions, mask, runtime_gather_output=True)
-            final_top1 = final.argmax(-1).reshape(-1)  # [b * s]
+            final, kept = final[:, from_position:], s - from_position  # [b, kept, V]
+            final_top1 = final.argmax(-1).reshape(-1)  # [b * kept]
             per_exit_conf, per_exit_agree = [], []
             for d in depths:
-                logits = exits[d].reshape(b * s, -1)
+                logits = exits[d][:, from_position:].reshape(b * kept, -1)
                 per_exit_agree.append(logits.argmax(-1) == final_top1)
                 if measure == "learned":
-                    states = captured[d]  # [s, b, h]
+                    states = captured[d][from_position:]  # [kept, b, h]
                     per_exit_conf.append(heads[d].confidence(states).transpose(0, 1).reshape(-1))
                 else:
                     per_exit_conf.append(confidence(logits, measure))
-            confidences.append(torch.stack(per_exit_conf, dim=1))  # [b * s, num_exits]
+            confidences.append(torch.stack(per_exit_conf, dim=1))  # [b * kept, num_exits]
             agreements.append(torch.stack(per_exit_agree, dim=1))
-            sequence_ids.append(torch.arange(start, start + b).repeat_interleave(s))
+            sequence_ids.append(torch.arange(start, start + b).repeat_interleave(kept))
     finally:
         for hook in hooks:
             hook.remove()
@@ -229,6 +234,44 @@ def collect_calibration_data(
         tuple(depths), torch.cat(confidences).float().cpu(), torch.cat(agreements).cpu(),
         torch.cat(sequence_ids), measure,
     )  # fmt: skip
+
+
+@torch.no_grad()
+def greedy_continuations(
+    model, prompts: torch.Tensor, num_new_tokens: int, batch_size: int = 8
+) -> torch.Tensor:
+    """``prompts[n, s]`` followed by ``num_new_tokens`` greedy tokens of the final head each:
+    ``[n, s + num_new_tokens]``, one no-cache forward per new token (full decoding's greedy
+    output, without a KV cache), ``batch_size`` prompts at a time."""
+    if num_new_tokens < 1:
+        raise ValueError(f"num_new_tokens must be >= 1, got {num_new_tokens}")
+    model.eval()
+    out = []
+    for start in range(0, prompts.shape[0], batch_size):
+        sequences = prompts[start : start + batch_size]
+        for _ in range(num_new_tokens):
+            n, s = sequences.shape
+            mask = torch.ones(1, 1, s, s, dtype=torch.bool).triu(1)
+            positions = torch.arange(s).unsqueeze(0).expand(n, -1)
+            final, _ = model(sequences, positions, mask, runtime_gather_output=True)
+            sequences = torch.cat([sequences, final[:, -1].argmax(-1, keepdim=True)], dim=1)
+        out.append(sequences)
+    return torch.cat(out)
+
+
+def collect_on_generations(
+    model,
+    prompts: torch.Tensor,
+    num_new_tokens: int,
+    measure: str = DEFAULT_CONFIDENCE_MEASURE,
+    batch_size: int = 1,
+) -> CalibrationData:
+    """Calibration data on the model's own greedy continuations of ``prompts[n, s]``: only the
+    positions that predict a generated token (and the one after), whose prefixes are exactly
+    full decoding's. Closer to what early-exit decoding sees than teacher-forced text, whose
+    exit confidences can differ a lot from those on generated text."""
+    sequences = greedy_continuations(model, prompts, num_new_tokens, max(batch_size, 1))
+    return collect_calibration_data(model, sequences, measure, batch_size, prompts.shape[1] - 1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,8 +4,11 @@ The calibration data (per-token confidences and agreements of every exit, see
 ``inference/calibrate.py``) comes from ``--calibration-data`` (a file written by
 :meth:`CalibrationData.save`, or by this run with ``--save-calibration-data``) or is collected
 here from ``--calibration-text`` with one no-cache forward per window (single process only).
-It is split by window: ``--calibration-test-fraction`` of the windows are held out and the
-certified threshold's realised agreement on them is reported beside the calibration numbers.
+With ``--calibration-generate K`` each window is instead a prompt that the model continues
+greedily for ``K`` tokens, and only those positions count: the model's own text, whose exit
+confidences can differ a lot from teacher-forced text's. The data is split by window:
+``--calibration-test-fraction`` of the windows are held out and the certified threshold's
+realised agreement on them is reported beside the calibration numbers.
 The threshold then joins ``--thresholds``, so ``recompute`` gets a row at it; the benchmark's own
 agreement column is the sequence-level check of the per-token certificate.
 
@@ -24,6 +27,7 @@ from megatron.early_exit.inference.calibrate import (
     agreement_report,
     calibrate_threshold,
     collect_calibration_data,
+    collect_on_generations,
 )
 from megatron.early_exit.inference.exit_quality import token_windows
 
@@ -45,6 +49,10 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         help="share of windows held out to report the realised agreement")  # fmt: skip
     add("--calibration-unit", default="token", choices=("token", "sequence"),
         help="the i.i.d. unit of the test (see inference/calibrate.py)")  # fmt: skip
+    add("--calibration-generate", type=int, default=0,
+        help="> 0: each calibration window is a prompt that the model continues greedily for "
+        "this many tokens, and only those positions are kept (the model's own text, as in "
+        "decoding); 0: teacher-forced text")  # fmt: skip
     add("--save-calibration-data", default=None, help="write the collected data here")
 
 
@@ -62,6 +70,8 @@ def check_flags(args: argparse.Namespace) -> list[str]:
                         "--calibration-text")  # fmt: skip
     if not 0.0 < args.calibration_test_fraction < 1.0:
         problems.append("--calibration-test-fraction must be in (0, 1)")
+    if args.calibration_generate < 0:
+        problems.append("--calibration-generate must be >= 0")
     if min(args.calibration_seq_length, args.calibration_windows) < 1:
         problems.append("--calibration-seq-length and --calibration-windows must be >= 1")
     return problems
@@ -101,7 +111,12 @@ def load_or_collect(args: argparse.Namespace, model, tokenizer, world_size: int)
         if len(ids) >= args.calibration_windows * length:
             break
     windows = token_windows(ids, length, args.calibration_windows)
-    data = collect_calibration_data(model, windows, args.confidence_measure)
+    if args.calibration_generate:
+        data = collect_on_generations(
+            model, windows, args.calibration_generate, args.confidence_measure, batch_size=8
+        )
+    else:
+        data = collect_calibration_data(model, windows, args.confidence_measure)
     if args.save_calibration_data:
         data.save(args.save_calibration_data)
     return data
