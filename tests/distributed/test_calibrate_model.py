@@ -73,6 +73,15 @@ def calibrate_worker(rank: int, world_size: int, tmp: str) -> dict:
     prompts, text = Path(tmp) / "prompts.txt", Path(tmp) / "calibration.jsonl"
     prompts.write_text("Once upon a time\nIt was a bright cold day\n")
     text.write_text(json.dumps({"text": TEXT}) + "\n")
+    from megatron.early_exit.bench.generation import calibrated
+
+    decode_prompts = [
+        list(range(40, 40 + n)) for n in (5, 7, 9)
+    ]  # before main() tears the group down
+    losses = calibrated.decoded_sequence_losses(
+        model, decode_prompts, 6, "max_prob", 0, batch_size=2
+    )
+    out["decode_losses"] = (losses(1.0).tolist(), losses(0.0).tolist())
     for target in (0.9, 1.0):
         generate = ["--calibration-generate", "8"] if target == 1.0 else []
         argv = [*generate,
@@ -135,3 +144,9 @@ def test_generations_are_greedy_and_keep_only_their_positions(result):
     assert result["greedy"]
     assert result["generated_tokens"] == 3 * 5  # positions 4..8 of 3 sequences
     assert result["generated_agree_equal"]
+
+
+def test_decoded_losses_are_zero_without_exits_and_bounded_with_them(result):
+    never, always = result["decode_losses"]
+    assert never == [0.0, 0.0, 0.0]
+    assert all(0.0 <= x <= 1.0 for x in always) and max(always) > 0.0

@@ -14,6 +14,7 @@ from megatron.early_exit.bench.generation.cli import parse_args
         (["--calibration-data", "a.pt", "--calibration-text", "b.txt"], "exactly one of"),
         (["--calibration-data", "a.pt", "--calibration-delta", "0"], "--calibration-delta"),
         (["--calibration-data", "a.pt", "--calibration-test-fraction", "1"], "test-fraction"),
+        (["--calibration-text", "a.txt", "--calibration-decode"], "--calibration-generate"),
     ],
 )
 def test_bad_calibration_flags(extra, message, capsys):

@@ -156,3 +156,32 @@ def test_coverage_tool_counts_misses(fresh):
     row = coverage(0.9, 0.2, 2000, 5, "token", "binomial", fresh)
     assert row["uncertified"] == 0 and 0.0 <= row["miss_rate"] <= 1.0
     assert 0.85 < row["median_agreement"] < 0.97 and row["median_threshold"] < 1.0
+
+
+def test_calibrate_by_decoding_stops_at_the_first_failure_and_covers():
+    from megatron.early_exit.inference.calibrate import DECODE_GRID, calibrate_by_decoding
+
+    # Each prompt's disagreement rate at threshold t: Binomial(48, r(t)) / 48, r(t) = 0.3 (1 - t).
+    def make_losses(seed):
+        calls = []
+
+        def sequence_losses(threshold):
+            calls.append(threshold)
+            generator = torch.Generator().manual_seed(seed * 1000 + len(calls))
+            rate = torch.full((200, 48), 0.3 * (1.0 - threshold))
+            return torch.bernoulli(rate, generator=generator).mean(dim=1)
+
+        return sequence_losses, calls
+
+    misses = 0
+    for seed in range(20):
+        sequence_losses, calls = make_losses(seed)
+        result = calibrate_by_decoding(sequence_losses, 0.9, 0.1)
+        assert result.certified and calls == list(DECODE_GRID[: len(calls)])
+        assert calls[-1] < result.threshold or result.threshold == DECODE_GRID[-1]
+        misses += 0.3 * (1.0 - result.threshold) > 0.1  # the true risk exceeds 1 - target
+    assert misses / 20 <= 0.1
+    result = calibrate_by_decoding(lambda t: torch.ones(5), 0.9, 0.1)
+    assert not result.certified and "5 decoded sequences" in result.reason
+    with pytest.raises(ValueError, match="num_prompts"):
+        calibrate_by_decoding(lambda t: torch.ones(2, 2), 0.9)

@@ -62,7 +62,7 @@ Assumptions, stated (the guarantee holds only under them):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -460,6 +460,63 @@ def calibrate_threshold(
         calibration_agreement=1.0 - float(token_losses(data, chosen).mean()),
         calibration_exit_rate=float((index < len(data.depths)).double().mean()),
         p_value=chosen_p, num_units=num_units, unit=unit, method=method, reason=reason,
+    )  # fmt: skip
+
+
+DECODE_GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.15, 0.1, 0.07, 0.05, 0.03, 0.02,
+               0.01, 0.005, 0.0)  # fmt: skip
+"""Thresholds tried by :func:`calibrate_by_decoding` (each costs a decoding run), fixed in
+advance, most conservative first."""
+
+
+def calibrate_by_decoding(
+    sequence_losses: Callable[[float], torch.Tensor],
+    target_agreement: float,
+    delta: float = 0.1,
+    *,
+    grid: Sequence[float] = DECODE_GRID,
+    measure: str = DEFAULT_CONFIDENCE_MEASURE,
+    depths: Sequence[int] = (),
+) -> CalibratedThreshold:
+    """Learn-then-Test on *decoded* sequences: no per-token proxy (assumption 2 of the module
+    docstring is not needed).
+
+    ``sequence_losses(threshold)`` decodes the calibration prompts with early exit at
+    ``threshold`` and returns ``[num_prompts]`` losses in [0, 1], e.g. ``1 -`` the position-wise
+    agreement of each prompt's output with full decoding's. Prompts are the i.i.d. units; the
+    p-value is Hoeffding-Bentkus. Thresholds are decoded in ``grid`` order and decoding stops at
+    the first one not certified, so a run costs one decoding pass per certified threshold + 1.
+    """
+    _check_target(target_agreement, delta)
+    grid = [float(g) for g in grid]
+    if not grid or any(b >= a for a, b in zip(grid, grid[1:])):
+        raise ValueError("grid must be non-empty and strictly decreasing (most conservative first)")
+    epsilon = 1.0 - float(target_agreement)
+    chosen, chosen_p, first_p, chosen_risk, num_units = NEVER_EXIT, 1.0, None, 0.0, 0
+    for threshold in grid:
+        losses = sequence_losses(threshold).double()
+        if losses.dim() != 1 or losses.numel() == 0:
+            raise ValueError(
+                f"sequence_losses must return [num_prompts], got {tuple(losses.shape)}"
+            )
+        num_units = losses.numel()
+        p = hoeffding_bentkus_p_value(losses, epsilon)
+        first_p = p if first_p is None else first_p
+        if p > delta:
+            break
+        chosen, chosen_p, chosen_risk = threshold, p, float(losses.mean())
+    certified = chosen != NEVER_EXIT
+    reason = "" if certified else (
+        f"target agreement {target_agreement} at delta {delta} is not certifiable on "
+        f"{num_units} decoded sequences: even threshold {grid[0]} has p-value {first_p:.3g} > "
+        f"{delta} (never exit: use full decoding, lower the target, or use more prompts)"
+    )  # fmt: skip
+    return CalibratedThreshold(
+        threshold=chosen, certified=certified, target_agreement=float(target_agreement),
+        delta=float(delta), measure=measure, depths=tuple(depths),
+        calibration_agreement=1.0 - chosen_risk, calibration_exit_rate=math.nan,
+        p_value=chosen_p, num_units=num_units, unit="decoded sequence",
+        method="hoeffding_bentkus", reason=reason,
     )  # fmt: skip
 
 

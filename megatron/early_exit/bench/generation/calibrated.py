@@ -22,9 +22,12 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+
 from megatron.early_exit.inference.calibrate import (
     CalibrationData,
     agreement_report,
+    calibrate_by_decoding,
     calibrate_threshold,
     collect_calibration_data,
     collect_on_generations,
@@ -53,6 +56,11 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         help="> 0: each calibration window is a prompt that the model continues greedily for "
         "this many tokens, and only those positions are kept (the model's own text, as in "
         "decoding); 0: teacher-forced text")  # fmt: skip
+    add("--calibration-decode", action="store_true",
+        help="certify on decoded sequences instead of per-token data: the calibration windows "
+        "are prompts, each threshold of inference.calibrate.DECODE_GRID decodes them for "
+        "--calibration-generate tokens, and the loss is 1 - position-wise agreement with full "
+        "decoding (no per-token proxy; costs one decoding pass per threshold)")  # fmt: skip
     add("--save-calibration-data", default=None, help="write the collected data here")
 
 
@@ -72,6 +80,8 @@ def check_flags(args: argparse.Namespace) -> list[str]:
         problems.append("--calibration-test-fraction must be in (0, 1)")
     if args.calibration_generate < 0:
         problems.append("--calibration-generate must be >= 0")
+    if args.calibration_decode and (args.calibration_text is None or args.calibration_generate < 1):
+        problems.append("--calibration-decode needs --calibration-text and --calibration-generate")
     if min(args.calibration_seq_length, args.calibration_windows) < 1:
         problems.append("--calibration-seq-length and --calibration-windows must be >= 1")
     return problems
@@ -104,13 +114,7 @@ def load_or_collect(args: argparse.Namespace, model, tokenizer, world_size: int)
         return data
     if world_size > 1:
         raise ValueError("--calibration-text collects in one process; pass --calibration-data")
-    length = args.calibration_seq_length
-    ids: list[int] = []
-    for text in read_calibration_texts(args.calibration_text):
-        ids += [*tokenizer.tokenize(text), tokenizer.eod]
-        if len(ids) >= args.calibration_windows * length:
-            break
-    windows = token_windows(ids, length, args.calibration_windows)
+    windows = calibration_windows(args, tokenizer)
     if args.calibration_generate:
         data = collect_on_generations(
             model, windows, args.calibration_generate, args.confidence_measure, batch_size=8
@@ -122,11 +126,79 @@ def load_or_collect(args: argparse.Namespace, model, tokenizer, world_size: int)
     return data
 
 
+def calibration_windows(args: argparse.Namespace, tokenizer) -> torch.Tensor:
+    length = args.calibration_seq_length
+    ids: list[int] = []
+    for text in read_calibration_texts(args.calibration_text):
+        ids += [*tokenizer.tokenize(text), tokenizer.eod]
+        if len(ids) >= args.calibration_windows * length:
+            break
+    return token_windows(ids, length, args.calibration_windows)
+
+
+def decoded_sequence_losses(
+    model, prompts: list[list[int]], max_new_tokens: int, measure: str, pad_token_id: int,
+    batch_size: int = 8,
+):  # fmt: skip
+    """``losses(threshold) -> [num_prompts]``: 1 - position-wise agreement of greedy early-exit
+    decoding (KV recompute) at ``threshold`` with greedy full decoding, per prompt."""
+    from megatron.early_exit.bench.generation.metrics import matching_positions
+    from megatron.early_exit.inference.decide import ExitPolicy
+    from megatron.early_exit.inference.generate import GenerationParams, generate
+
+    def run(**settings) -> list[list[int]]:
+        params = GenerationParams(max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
+                                  **settings)  # fmt: skip
+        outputs = []
+        for start in range(0, len(prompts), batch_size):
+            outputs += [
+                r.tokens for r in generate(model, prompts[start : start + batch_size], params)
+            ]
+        return outputs
+
+    reference = run(early_exit=False)
+
+    def losses(threshold: float) -> torch.Tensor:
+        outputs = run(exit_policy=ExitPolicy(threshold=threshold, measure=measure))
+        pairs = [matching_positions(o, r) for o, r in zip(outputs, reference)]
+        return torch.tensor([1.0 - a / n if n else 0.0 for a, n in pairs], dtype=torch.float64)
+
+    return losses
+
+
+def calibrated_by_decoding(args, model, tokenizer, log) -> tuple[float | None, dict]:
+    """``--calibration-decode``: certify on decoded calibration prompts."""
+    windows = calibration_windows(args, tokenizer)
+    depths = sorted(e.depth for e in model.config.exit_heads)
+    losses = decoded_sequence_losses(
+        model, windows.tolist(), args.calibration_generate, args.confidence_measure,
+        tokenizer.eod,
+    )  # fmt: skip
+    result = calibrate_by_decoding(
+        losses, args.target_agreement, args.calibration_delta, measure=args.confidence_measure,
+        depths=depths,
+    )  # fmt: skip
+    summary = {"calibration": result.as_dict()}
+    if not result.certified:
+        log(f"calibrated threshold (decoded): none ({result.reason})")
+        return None, summary
+    log(
+        f"calibrated threshold (decoded) {result.threshold:g} for agreement >= "
+        f"{args.target_agreement} with probability {1 - args.calibration_delta:g} on "
+        f"{result.num_units} decoded prompts: their agreement {result.calibration_agreement:.3f}"
+    )
+    return result.threshold, summary
+
+
 def calibrated_threshold(
     args: argparse.Namespace, model, tokenizer, world_size: int, log
 ) -> tuple[float | None, dict]:
     """``(threshold or None, summary)``: None when the target cannot be certified (the summary
     says why; no row is faked)."""
+    if args.calibration_decode:
+        if world_size > 1:
+            raise ValueError("--calibration-decode runs in one process")
+        return calibrated_by_decoding(args, model, tokenizer, log)
     data = load_or_collect(args, model, tokenizer, world_size)
     model_depths = sorted(e.depth for e in model.config.exit_heads)
     if list(data.depths) != model_depths:
