@@ -54,6 +54,9 @@ def calibrate_worker(rank: int, world_size: int, tmp: str) -> dict:
     learned = collect_calibration_data(model, windows, "learned")
     out["learned_range"] = (float(learned.confidence.min()), float(learned.confidence.max()))
     out["learned_agree_equal"] = bool(torch.equal(learned.agrees, expected_agree))
+    from megatron.early_exit.bench.shortlist import shortlist_fidelity
+
+    out["fidelity"] = shortlist_fidelity(model, windows, (4, VOCAB), 0.05)
     prompts = windows[:, :5]
     sequences = greedy_continuations(model, prompts, 4, batch_size=2)
     final, exits = no_cache_forward(model, sequences)
@@ -150,3 +153,12 @@ def test_decoded_losses_are_zero_without_exits_and_bounded_with_them(result):
     never, always = result["decode_losses"]
     assert never == [0.0, 0.0, 0.0]
     assert all(0.0 <= x <= 1.0 for x in always) and max(always) > 0.0
+
+
+def test_shortlist_fidelity_is_exact_with_the_whole_vocabulary(result):
+    rows = result["fidelity"]
+    assert {r["k"] for r in rows} == {4, 64} and all(r["positions"] == 33 for r in rows)
+    for row in rows:
+        assert row["same_token"] >= row["recall"] - 1e-9  # listed top token => same token
+        if row["k"] == 64:  # every token listed: the full projection's decision exactly
+            assert row["recall"] == row["same_token"] == row["same_decision"] == 1.0

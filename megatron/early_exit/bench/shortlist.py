@@ -100,3 +100,58 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     print(format_table(timings))
     return timings
+
+
+@torch.no_grad()
+def shortlist_fidelity(model, windows: torch.Tensor, ks: Sequence[int], threshold: float) -> list:
+    """How often a shortlist decision equals the full projection's on real text.
+
+    For each window, one no-cache forward; at position ``t`` the shortlist is the final head's
+    top-``k`` at ``t - 1`` (SpecEE's "previous step", on full decoding's trajectory). Per exit and
+    ``k``: ``recall`` (the exit's full top-1 is listed), ``same_token`` and ``same_decision``
+    (max-prob exit at ``threshold``) against the full projection, over all positions ``t >= 1``.
+    """
+    from megatron.early_exit.inference.shortlist import previous_top_k
+
+    model.eval()
+    depths = sorted(e.depth for e in model.local_exit_configs)
+    captured: dict[int, torch.Tensor] = {}
+    heads = {d: model.exit_heads[str(d)] for d in depths}
+    hooks = [
+        heads[d].output_layer.register_forward_hook(
+            lambda _m, args, _o, d=d: captured.__setitem__(d, args[0])
+        )
+        for d in depths
+    ]
+    counts: dict[tuple[int, int], list[int]] = {(d, k): [0, 0, 0, 0] for d in depths for k in ks}
+    try:
+        for window in windows:
+            s = window.shape[0]
+            mask = torch.ones(1, 1, s, s, dtype=torch.bool).triu(1)
+            final, exits = model(window[None], torch.arange(s)[None], mask,
+                                 runtime_gather_output=True)  # fmt: skip
+            for d in depths:
+                head = heads[d]
+                weight = head.output_layer.weight
+                if weight is None:
+                    weight = model.shared_embedding_or_output_weight()
+                states = captured[d][1:, 0]  # [s - 1, h]
+                full = exits[d][0, 1:].float()  # [s - 1, V]
+                full_token = full.argmax(-1)
+                full_exit = confidence(full, "max_prob") >= threshold
+                for k in ks:
+                    candidates = previous_top_k(final[0, :-1].float(), k)  # [s - 1, k]
+                    decision = shortlist_decide(states, weight, candidates, threshold)
+                    row = counts[d, k]
+                    row[0] += int((candidates == full_token[:, None]).any(-1).sum())
+                    row[1] += int((decision.token == full_token).sum())
+                    row[2] += int((decision.exit_mask == full_exit).sum())
+                    row[3] += s - 1
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [
+        {"depth": d, "k": k, "recall": r[0] / r[3], "same_token": r[1] / r[3],
+         "same_decision": r[2] / r[3], "positions": r[3]}
+        for (d, k), r in counts.items()
+    ]  # fmt: skip
