@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from megatron.early_exit.bench.generation import report
+from megatron.early_exit.bench.generation import calibrated, report
 from megatron.early_exit.bench.generation.measure import gather_profiles, measure
 from megatron.early_exit.bench.generation.methods import (
     HF_METHOD,
@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, default=1234)
     add("--output-json", default="runs/bench_generation.json", help="'' to skip")
     add("--output-plot", default="runs/bench_generation.png", help="'' to skip")
+    calibrated.add_flags(parser)
     return parser
 
 
@@ -113,6 +114,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             problems.append(f"at --pipeline-parallel-size > 1 only {PIPELINE_METHODS} run: {wrong}")
     elif "pipelined" in args.methods:
         problems.append("--methods pipelined needs --pipeline-parallel-size > 1 (under torchrun)")
+    problems += calibrated.check_flags(args)
     if problems:
         parser.error("; ".join(problems))
     return args
@@ -261,6 +263,14 @@ def run(args: argparse.Namespace) -> dict | None:
     """Run the benchmark; rank 0 prints, writes the files and returns the report."""
     setup = prepare(args)
     log = functools.partial(print, flush=True) if setup.rank == 0 else (lambda *_: None)
+    calibration = None
+    if args.target_agreement is not None:
+        world_size = setup.tensor_parallel_size * setup.pipeline_parallel_size
+        threshold, calibration = calibrated.calibrated_threshold(
+            args, setup.model, setup.tokenizer, world_size, log
+        )
+        if threshold is not None and threshold not in args.thresholds:
+            args.thresholds = [*args.thresholds, threshold]
     runners, hf_note = build_runners(args, setup, log)
     log(_banner(args, setup))
     started = time.perf_counter()
@@ -284,6 +294,7 @@ def run(args: argparse.Namespace) -> dict | None:
     num_layers = setup.model.config.num_layers
     summary = report.unit_cost_summary(costs, num_layers, setup.exit_depths)
     meta = _meta(args, setup, hf_note, baseline, time.perf_counter() - started)
+    meta["calibration"] = calibration
     result = {"meta": meta, "unit_costs": summary, "rows": rows}
     print(report.cost_line(summary, num_layers, args.batch_size))
     print(report.format_table(rows))
