@@ -341,9 +341,63 @@ def _init_process_group(timeout_s: float) -> None:
     os.environ.setdefault("WORLD_SIZE", "1")
     if has_cuda():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if _is_loopback(os.environ["MASTER_ADDR"]):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's pair sockets stay local too
+    store = _rendezvous_store(timeout)
+    if store is None:  # torchrun (or the user) provides the rendezvous
+        dist.init_process_group(backend=distributed_backend(), timeout=timeout)
+        return
     dist.init_process_group(
-        backend=distributed_backend(), timeout=datetime.timedelta(seconds=timeout_s)
+        backend=distributed_backend(),
+        store=store,
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        timeout=timeout,
     )
+
+
+def _is_loopback(address: str) -> bool:
+    import ipaddress
+
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def _rendezvous_store(timeout: datetime.timedelta):
+    """The process group's key-value store, opening no socket it does not need.
+
+    * One process: an in-memory ``HashStore`` (no socket at all).
+    * Several processes and MASTER_ADDR on this host's loopback (our launcher, the tests): a
+      ``TCPStore`` whose server listens on MASTER_ADDR only (torch's own binds every interface).
+    * Anything else (torchrun with its own store, a cluster address): None, torch's default.
+    """
+    import socket
+
+    import torch.distributed as dist
+
+    if int(os.environ["WORLD_SIZE"]) == 1:
+        return dist.HashStore()
+    address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    if os.environ.get("TORCHELASTIC_RUN_ID") or not _is_loopback(address):
+        return None
+    is_master = int(os.environ["RANK"]) == 0
+    listen_fd = None
+    if is_master:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((address, port))
+        listener.listen(128)
+        listen_fd = listener.detach()  # the store owns the socket from here on
+    return dist.TCPStore(
+        address, port, int(os.environ["WORLD_SIZE"]), is_master, timeout,
+        master_listen_fd=listen_fd,
+    )  # fmt: skip
 
 
 def initialize(
