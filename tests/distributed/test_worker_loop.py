@@ -109,7 +109,7 @@ def _serve_concurrently(service) -> dict:
 def worker_loop_worker(rank: int, world_size: int) -> dict:
     import torch.distributed as dist
 
-    from megatron.early_exit.server.service import FakeGenerator
+    from tests.fake_generator import FakeGenerator
     from megatron.early_exit.server.worker_loop import run_ranks, worker_loop
 
     dist.init_process_group("gloo")
