@@ -22,16 +22,16 @@ from megatron.early_exit.launch import free_port
 from megatron.early_exit.server import client as request_client
 from megatron.early_exit.server import interactive as text_generation_cli
 from megatron.early_exit.server.app import create_app
-from megatron.early_exit.server.protocol import (
-    GenerationRequest,
-    ServerLimits,
-    parse_completion_request,
-)
 from megatron.early_exit.server.generator import (
     PromptCompletion,
     TokenEvent,
     results_from_stream,
     stream_from_results,
+)
+from megatron.early_exit.server.protocol import (
+    GenerationRequest,
+    ServerLimits,
+    parse_completion_request,
 )
 from megatron.early_exit.server.service import GenerationService
 from megatron.early_exit.server.text import stop_holdback
