@@ -267,7 +267,7 @@ def create_app(service: GenerationService) -> FastAPI:
     return app
 
 
-def serve(
+def build_server(
     app: FastAPI,
     host: str = "127.0.0.1",
     port: int = 5000,
@@ -275,13 +275,10 @@ def serve(
     *,
     header_timeout_s: float = 10.0,
     max_connections: int = 64,
-) -> None:
-    """Serve ``app`` with uvicorn until interrupted (blocking, one process).
-
-    ``header_timeout_s`` bounds the wait for a request's headers on every connection (slow
-    clients holding connections open); beyond ``max_connections`` concurrent connections and
-    requests, uvicorn answers 503.
-    """
+):
+    """A ``uvicorn.Server`` for ``app``: ``header_timeout_s`` bounds the wait for a request's
+    headers on every connection (slow clients holding connections open); beyond
+    ``max_connections`` concurrent connections and requests, uvicorn answers 503."""
     import uvicorn
 
     config = uvicorn.Config(
@@ -293,7 +290,13 @@ def serve(
         limit_concurrency=max_connections,
         timeout_keep_alive=5,
     )
-    uvicorn.Server(config).run()
+    return uvicorn.Server(config)
+
+
+def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 5000, log_level: str = "info",
+          **limits) -> None:  # fmt: skip
+    """Serve ``app`` until interrupted (blocking, one process); ``limits`` as ``build_server``."""
+    build_server(app, host, port, log_level, **limits).run()
 
 
 def header_timeout_protocol(timeout_s: float):

@@ -173,6 +173,7 @@ def run_ranks(
     *,
     limits: ServerLimits | None = None,
     model_name: str = "ee-llm",
+    chat_template: str | None = None,
 ) -> T | int:
     """Serve on group rank 0, looping on ``worker_loop`` on the other ranks.
 
@@ -185,7 +186,7 @@ def run_ranks(
     if dist.get_rank(group) != 0:
         return worker_loop(generator, group)
     broadcasting = BroadcastingGenerator(generator, group)
-    service = GenerationService(broadcasting, limits, model_name)
+    service = GenerationService(broadcasting, limits, model_name, chat_template)
     try:
         return serve_fn(service)
     finally:
