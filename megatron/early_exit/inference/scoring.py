@@ -35,10 +35,9 @@ def _head_logits(model, ids: Sequence[int], exit_depth: int | None) -> torch.Ten
     positions = torch.arange(s, device=device).unsqueeze(0)  # [1, s]
     mask = torch.ones(1, 1, s, s, dtype=torch.bool, device=device).triu(1)  # True: masked
     wanted = () if exit_depth is None else (exit_depth,)
-    final, exits = model(
-        tokens, positions, mask, runtime_gather_output=True, exit_depths=wanted,
-        stop_after_exits=exit_depth is not None,  # an exit's scores need no deeper layer
-    )  # fmt: skip
+    # The whole forward also for an exit: the shortcut that stops after the exits
+    # (stop_after_exits) does not gather exit logits over tensor parallelism.
+    final, exits = model(tokens, positions, mask, runtime_gather_output=True, exit_depths=wanted)
     logits = final if exit_depth is None else exits[exit_depth]
     return logits[0].float()  # [1, s, V] -> [s, V]
 
