@@ -411,3 +411,22 @@ def test_the_importer_records_the_chat_template_with_the_tokenizer(tmp_path):
     (tmp_path / "none").mkdir()
     (tmp_path / "none" / "tokenizer_config.json").write_text("{}")
     assert read_chat_template(str(tmp_path / "none")) is None
+
+
+def test_connections_beyond_the_limit_answer_503(live):
+    url, port, _, _ = live
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(16)]
+    try:
+        time.sleep(0.1)
+        with httpx.Client(timeout=10) as http:
+            assert http.get(f"{url}/health").status_code == 503
+    finally:
+        for sock in idle:
+            sock.close()
+    deadline = time.monotonic() + 5
+    while True:  # the idle connections are gone: served again
+        with httpx.Client(timeout=10) as http:
+            if http.get(f"{url}/health").status_code == 200:
+                break
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
