@@ -4,7 +4,13 @@ Two transports share one service: the Megatron/EE-LLM style ``PUT /api`` (``Gene
 ``GenerateResponse``) and the OpenAI style ``POST /v1/completions`` (``CompletionRequest``,
 ``CompletionResponse``, ``CompletionChunk`` for server-sent events). Both requests map onto the
 frozen ``GenerationRequest`` (``params_from_generate``, ``params_from_completion``), the only type
-the service layer sees.
+the service layer sees (chat requests are in ``chat.py``; they map onto it too). Completion
+prompts may be text or token ids; standard OpenAI fields the server does not implement are
+accepted at their neutral values only (``NEUTRAL_FIELDS``), anything else is a 400 naming them.
+
+Everything a client sends is bounded by ``ServerLimits`` before it costs work: prompt characters
+(before tokenizing), token-id counts, prompts x new tokens, stop strings (count and length), free
+text fields such as ``model`` and ``user``.
 
 Validation is strict (JSON types are not coerced: ``"true"`` or ``1`` is not a boolean, ``"64"``
 is not an integer) and unknown fields are rejected. Server limits are applied through the
