@@ -430,3 +430,16 @@ def test_connections_beyond_the_limit_answer_503(live):
                 break
         assert time.monotonic() < deadline
         time.sleep(0.05)
+
+
+def test_streamed_echo_carries_the_prompt_scores_first(client):
+    body = {"prompt": "abc", "max_tokens": 2, "echo": True, "logprobs": 1, "stream": True}
+    chunks = events(client[0].post("/v1/completions", json=body).text)
+    opening = chunks[0]["choices"][0]
+    assert opening["text"] == "abc"
+    assert opening["logprobs"]["token_logprobs"] == [None] + [
+        pytest.approx(fake_logprob(t)) for t in b"bc"
+    ]
+    generated = [c["choices"][0]["logprobs"]["token_logprobs"][0] for c in chunks[1:3]]
+    assert len(generated) == 2 and all(lp is not None for lp in generated)
+    assert chunks[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
