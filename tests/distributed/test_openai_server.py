@@ -161,7 +161,8 @@ def test_put_api_scores_in_megatrons_format(served):
 def test_learned_measure_is_a_400_on_the_broadcasting_server(served):
     status, answer = _request(
         f"{served['urls']['tp2']}/api",
-        {"prompts": ["hi"], "use_early_exit": True, "early_exit_measure": "learned"},
+        {"prompts": ["hi"], "tokens_to_generate": 4, "use_early_exit": True,
+         "early_exit_measure": "learned"},  # fmt: skip
     )
     assert status == 400, answer
     assert answer["error"]["field"] == "early_exit_measure"
