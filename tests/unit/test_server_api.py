@@ -443,3 +443,30 @@ def test_streamed_echo_carries_the_prompt_scores_first(client):
     generated = [c["choices"][0]["logprobs"]["token_logprobs"][0] for c in chunks[1:3]]
     assert len(generated) == 2 and all(lp is not None for lp in generated)
     assert chunks[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+
+
+def test_engine_results_alternatives_and_exit_probs_reach_the_completion():
+    """The engine's ``top_logprobs`` / ``exit_max_probs`` result fields (token by token engine)
+    map onto ``PromptCompletion``; an engine without them gives None, not an error."""
+    from types import SimpleNamespace
+
+    from megatron.early_exit.server.engine_generator import EngineGenerator
+    from megatron.early_exit.server.protocol import GenerationRequest
+
+    generator = EngineGenerator.__new__(EngineGenerator)
+    generator._tokenizer = ByteLevelTokenizer()
+    params = GenerationRequest(prompts=("x",), max_new_tokens=2, return_logprobs=True,
+                               num_top_logprobs=2, print_max_prob=True)  # fmt: skip
+    tokens = list("é".encode())
+    result = SimpleNamespace(
+        tokens=tokens, logprobs=[-0.1, -0.2], exit_depths=[2, 4], finish_reason="length",
+        text=None, top_logprobs=[[(tokens[0], -0.1), (65, -3.0)], [(tokens[1], -0.2)]],
+        exit_max_probs=[{2: 0.9}, {2: 0.3, 4: 0.8}],
+    )  # fmt: skip
+    completion = generator._result(0, result, params)
+    assert completion.text == "é" and completion.segments == ("", "é")
+    assert completion.top_logprobs[0]["A"] == -3.0 and len(completion.top_logprobs[1]) == 1
+    assert completion.exit_max_probs == ({2: 0.9}, {2: 0.3, 4: 0.8})
+    del result.top_logprobs, result.exit_max_probs  # today's engine
+    completion = generator._result(0, result, params)
+    assert completion.top_logprobs is None and completion.exit_max_probs is None
