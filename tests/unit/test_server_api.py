@@ -470,3 +470,25 @@ def test_engine_results_alternatives_and_exit_probs_reach_the_completion():
     del result.top_logprobs, result.exit_max_probs  # today's engine
     completion = generator._result(0, result, params)
     assert completion.top_logprobs is None and completion.exit_max_probs is None
+
+
+def test_a_queued_stream_of_a_departed_client_is_dropped(live):
+    url, _, service, fake = live
+    answers: list = []
+    running = threading.Thread(target=_slow, args=(url, answers))
+    running.start()
+    deadline = time.monotonic() + 10
+    while service.health()["requests"]["pending"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    cancelled_before = service.health()["requests"]["cancelled"]
+    body = {"prompt": "gone-stream", "max_tokens": 5, "stream": True}
+    with httpx.Client(timeout=0.3) as http, pytest.raises(httpx.ReadTimeout):
+        with http.stream("POST", f"{url}/v1/completions", json=body) as response:
+            response.read()
+    running.join()
+    deadline = time.monotonic() + 5
+    while service.health()["requests"]["cancelled"] == cancelled_before:
+        assert time.monotonic() < deadline, "the departed stream's request was not dropped"
+        time.sleep(0.02)
+    assert not any("gone-stream" in p for call in fake.calls for p in call.prompts)

@@ -63,6 +63,7 @@ SERVER_ERROR = 500
 SERVICE_UNAVAILABLE = 503
 CLIENT_CLOSED = 499
 BODY_TIMEOUT_S = 30.0
+_QUEUE_POLL_S = 0.02
 
 
 class HTTPRefusal(Exception):
@@ -183,6 +184,11 @@ async def _stream(start: Callable, parsed):
 
     async def events() -> AsyncIterator[str]:
         try:
+            # Wait for the job's first item on the event loop: a thread blocked on the queue
+            # cannot be cancelled, so a client leaving during the wait would not be noticed
+            # until the job had started.
+            while not chunks.has_output():
+                await asyncio.sleep(_QUEUE_POLL_S)
             async for event in iterate_in_threadpool(_sse_events(chunks)):
                 yield event
         finally:  # the client left (or the stream ended): drop the request if not started

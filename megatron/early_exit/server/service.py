@@ -501,6 +501,10 @@ class CancellableStream:
         chunk = next(self._iterator)
         return self._convert(chunk) if self._convert is not None else chunk
 
+    def has_output(self) -> bool:
+        """Whether the job has put anything out yet (it has started, or failed or ended)."""
+        return not self._out.empty() or self._future.done()
+
     def cancel(self) -> bool:
         """Drop the request if it has not started; True if it was dropped."""
         dropped = self._future.cancel()
