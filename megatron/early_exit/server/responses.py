@@ -74,7 +74,6 @@ def alternatives_text(
 
 def prompt_logprobs(
     tokenizer: Tokenizer,
-    prompt: str,
     ids: Sequence[int],
     scores: PromptScores | None,
     num_top: int,
@@ -141,7 +140,7 @@ def completion_choice(
         logprobs = generated_logprobs(result, params, len(prompt))
         if params.echo_prompts:
             echoed = prompt_logprobs(
-                tokenizer, prompt, prepared.prompt_token_ids[index], scores,
+                tokenizer, prepared.prompt_token_ids[index], scores,
                 params.num_top_logprobs,
             )  # fmt: skip
             logprobs = join_logprobs(echoed, logprobs)
@@ -200,7 +199,7 @@ class ChunkAssembler:
             if self.params.return_logprobs:
                 scores = self.scores[index] if self.scores is not None else None
                 logprobs = prompt_logprobs(
-                    self.tokenizer, prompt, self.prepared.prompt_token_ids[index], scores,
+                    self.tokenizer, self.prepared.prompt_token_ids[index], scores,
                     self.params.num_top_logprobs,
                 )  # fmt: skip
             yield self._chunk(
