@@ -26,7 +26,9 @@ setup(
     extras_require={
         # apex is built from NVIDIA source (see README); PyPI "apex" is an unrelated project.
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
-        "server": ["fastapi", "uvicorn", "pydantic>=2", "httpx"],
+        "server": ["fastapi", "uvicorn", "pydantic>=2", "httpx", "jinja2"],
+        # Clients the server is tested with: the OpenAI client, lm-evaluation-harness.
+        "eval": ["openai", "lm_eval[api]"],
         "hf": ["transformers", "safetensors", "tokenizers", "gguf", "accelerate", "protobuf"],
         "dev": ["pytest", "ruff", "matplotlib"],
         "wandb": ["wandb"],  # --wandb-project

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Make .venv with PyTorch (the CPU build where no CUDA device exists), megatron-core and EE-LLM
-# with its dev and server extras. Idempotent: a second run only checks what is installed.
+# with its dev, server, hf and eval extras (eval: the openai client and lm-evaluation-harness,
+# which the server tests drive). Idempotent: a second run only checks what is installed.
 #
 #   PYTHON=python3.11 bash scripts/setup.sh      # choose the interpreter (3.10+)
-#   EE_LLM_EXTRAS=dev,server,hf bash scripts/setup.sh
+#   EE_LLM_EXTRAS=dev,server,hf,eval bash scripts/setup.sh
 #   TORCH_INDEX_URL=<PyTorch's CPU wheel index> bash scripts/setup.sh   # CPU build from elsewhere
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-EXTRAS=${EE_LLM_EXTRAS:-dev,server,hf}
+EXTRAS=${EE_LLM_EXTRAS:-dev,server,hf,eval}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 
 if [ ! -x .venv/bin/python ]; then

@@ -1,5 +1,6 @@
 """Serve an early-exit checkpoint over HTTP: Megatron-style ``PUT /api``, OpenAI-style
-``POST /v1/completions`` (with ``stream: true``) and ``GET /health``.
+``POST /v1/completions`` and ``POST /v1/chat/completions`` (with ``stream: true``),
+``GET /v1/models``, the tokenizer routes lm-evaluation-harness reads and ``GET /health``.
 
     python tools/run_text_generation_server.py --load CKPT [--port 5000] [--host 127.0.0.1]
     torchrun --nproc-per-node 2 tools/run_text_generation_server.py --load CKPT   # TP=2
@@ -16,6 +17,8 @@ import argparse
 import os
 from pathlib import Path
 
+from megatron.early_exit.server.protocol import ServerLimits
+
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -30,6 +33,27 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-prompts", type=int, default=128)
     parser.add_argument("--max-prompt-tokens", type=int, default=4096)
     parser.add_argument("--max-tokens-to-generate", type=int, default=1024)
+    parser.add_argument("--max-body-bytes", type=int, default=ServerLimits.max_body_bytes)
+    parser.add_argument(
+        "--max-request-tokens", type=int, default=ServerLimits.max_request_tokens,
+        help="most prompts x (prompt + new) tokens per request",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-queued-requests", type=int, default=ServerLimits.max_queued_requests,
+        help="requests waiting or running; one more is answered 503",
+    )  # fmt: skip
+    parser.add_argument("--max-connections", type=int, default=64, help="503 beyond this")
+    parser.add_argument(
+        "--header-timeout", type=float, default=10.0,
+        help="seconds a connection may take to send a request's headers",
+    )  # fmt: skip
+    parser.add_argument(
+        "--chat-template", default=None,
+        help="Jinja chat template file (default: the checkpoint tokenizer's)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--model-name", default=None, help="name in /v1/models (default: the --load folder's)"
+    )
     return parser.parse_args()
 
 
@@ -64,14 +88,29 @@ def main() -> None:
     args = parse_args()
     from megatron.early_exit import platform
     from megatron.early_exit.server.app import create_app, serve
-    from megatron.early_exit.server.protocol import ServerLimits
     from megatron.early_exit.server.worker_loop import run_ranks
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     generator = build_generator(args, *parallel_layout(args, world_size))
-    limits = ServerLimits(args.max_prompts, args.max_prompt_tokens, args.max_tokens_to_generate)
-    run_ranks(generator, lambda service: serve(create_app(service), args.host, args.port),
-              limits=limits, model_name=Path(args.load).name)  # fmt: skip
+    try:
+        limits = ServerLimits(
+            max_prompts=args.max_prompts,
+            max_prompt_tokens=args.max_prompt_tokens,
+            max_tokens_to_generate=args.max_tokens_to_generate,
+            max_body_bytes=args.max_body_bytes,
+            max_request_tokens=args.max_request_tokens,
+            max_queued_requests=args.max_queued_requests,
+        )
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    chat_template = Path(args.chat_template).read_text() if args.chat_template else None
+
+    def serve_service(service):
+        serve(create_app(service), args.host, args.port, header_timeout_s=args.header_timeout,
+              max_connections=args.max_connections)  # fmt: skip
+
+    run_ranks(generator, serve_service, limits=limits, chat_template=chat_template,
+              model_name=args.model_name or Path(args.load).name)  # fmt: skip
     platform.destroy()
 
 

@@ -109,8 +109,8 @@ def _serve_concurrently(service) -> dict:
 def worker_loop_worker(rank: int, world_size: int) -> dict:
     import torch.distributed as dist
 
-    from megatron.early_exit.server.service import FakeGenerator
     from megatron.early_exit.server.worker_loop import run_ranks, worker_loop
+    from tests.fake_generator import FakeGenerator
 
     dist.init_process_group("gloo")
     out: dict = {"rank": rank}

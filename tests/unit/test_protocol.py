@@ -242,7 +242,7 @@ def test_completion_validation():
     assert _completion_error({"prompt": "a", "top_p": 0})["field"] == "top_p"
     assert _completion_error({"prompt": "a", "temperature": 2.5})["field"] == "temperature"
     assert _completion_error({"prompt": ""})["field"] == "prompt"
-    assert _completion_error({"prompt": "a", "user": "x"})["field"] == "user"
+    assert _completion_error({"prompt": "a", "tools": []})["field"] == "tools"
     assert _completion_error({"prompt": "a", "max_tokens": 9}, SMALL_LIMITS)["field"] == (
         "max_tokens"
     )

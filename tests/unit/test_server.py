@@ -22,20 +22,20 @@ from megatron.early_exit.launch import free_port
 from megatron.early_exit.server import client as request_client
 from megatron.early_exit.server import interactive as text_generation_cli
 from megatron.early_exit.server.app import create_app
+from megatron.early_exit.server.generator import (
+    PromptCompletion,
+    TokenEvent,
+    results_from_stream,
+    stream_from_results,
+)
 from megatron.early_exit.server.protocol import (
     GenerationRequest,
     ServerLimits,
     parse_completion_request,
 )
-from megatron.early_exit.server.service import (
-    FakeGenerator,
-    GenerationService,
-    PromptCompletion,
-    TokenEvent,
-    results_from_stream,
-    stop_holdback,
-    stream_from_results,
-)
+from megatron.early_exit.server.service import GenerationService
+from megatron.early_exit.server.text import stop_holdback
+from tests.fake_generator import FakeGenerator
 
 LIMITS = ServerLimits(max_prompts=4, max_prompt_tokens=64, max_tokens_to_generate=64)
 NUM_LAYERS = 8
@@ -343,7 +343,9 @@ def test_health(app_client):
     assert health["status"] == "ok" and health["model"] == "fake-ee"
     assert health["num_layers"] == NUM_LAYERS and health["exit_layers"] == list(EXITS)
     assert health["limits"]["max_prompts"] == LIMITS.max_prompts
-    assert health["requests"] == {"pending": 0, "served": 0, "failed": 0}
+    assert health["requests"] == {
+        "pending": 0, "served": 0, "failed": 0, "cancelled": 0, "refused_busy": 0
+    }
 
 
 # -------------------------------------------------------------- service without transport

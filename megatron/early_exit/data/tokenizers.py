@@ -327,6 +327,23 @@ def _special_ids_from_config(directory: str, token_to_id) -> tuple[int | None, i
     return eos, bos
 
 
+def read_chat_template(directory: str) -> str | None:
+    """The chat template a Hugging Face tokenizer directory ships, or None."""
+    path = os.path.join(directory, "chat_template.jinja")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    config_path = os.path.join(directory, "tokenizer_config.json")
+    if not os.path.isfile(config_path):
+        return None
+    with open(config_path, encoding="utf-8") as f:
+        template = json.load(f).get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) and template else None
+
+
 class HuggingFaceTokenizer(_TokenizerBase):
     """A Hugging Face tokenizer saved in a local directory (never fetched from a hub).
 
@@ -343,6 +360,12 @@ class HuggingFaceTokenizer(_TokenizerBase):
         if eos is None:
             raise ValueError(f"--tokenizer-model {directory} defines no eos token to use as EOD")
         self.eod = eos
+
+    @property
+    def chat_template(self) -> str | None:
+        """The directory's chat template (``chat_template.jinja``, else ``tokenizer_config.json``'s
+        ``chat_template``, the ``default`` one of a named list); None when it has none."""
+        return read_chat_template(self._directory)
 
     def tokenize(self, text: str) -> list[int]:
         """Encodes without special tokens."""

@@ -13,13 +13,24 @@ Exit layers are reported as depths (the number of layers below the head), the fi
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 from megatron.early_exit.inference.decide import CONFIDENCE_MEASURES, LOGIT_MEASURES, ExitPolicy
 from megatron.early_exit.inference.generate import GenerationParams, generate
+from megatron.early_exit.inference.scoring import score_prompts
 from megatron.early_exit.model.builder import unwrap_model
+from megatron.early_exit.server.generator import (
+    PromptCompletion,
+    PromptScores,
+    StreamItem,
+    engine_prompt_ids,
+    stream_from_results,
+)
 from megatron.early_exit.server.protocol import GenerationRequest
-from megatron.early_exit.server.service import PromptCompletion, StreamItem, stream_from_results
+from megatron.early_exit.server.text import token_pieces
+
+_ENGINE_PARAMS = {field.name for field in dataclasses.fields(GenerationParams)}
 
 
 class EngineGenerator:
@@ -38,6 +49,31 @@ class EngineGenerator:
         if heads and all(e.confidence_hidden_size for e in heads):
             return CONFIDENCE_MEASURES
         return LOGIT_MEASURES
+
+    @property
+    def can_score(self) -> bool:
+        """Prompt scoring runs the model's whole forward: one pipeline stage only."""
+        return not self._pipelined
+
+    @property
+    def reports_exit_max_probs(self) -> bool:
+        """Whether the engine reports each exit's top probability (``print_max_prob``)."""
+        return "exit_max_probs" in _ENGINE_PARAMS
+
+    @property
+    def chat_template(self) -> str | None:
+        return getattr(self._tokenizer, "chat_template", None)
+
+    def score(self, params: GenerationRequest) -> list[PromptScores]:
+        """Prompt tokens' log-probs by a full no-cache forward (every TP rank calls it)."""
+        prompts = engine_prompt_ids(params, self._tokenizer)
+        scored = score_prompts(
+            self.model, prompts, params.score_exit_depth, params.num_top_logprobs
+        )
+        return [
+            PromptScores(tuple(ids), tuple(s.logprobs), tuple(map(_tuples, s.top)))
+            for ids, s in zip(prompts, scored)
+        ]
 
     @property
     def decoding_methods(self) -> tuple[str, ...]:
@@ -62,7 +98,11 @@ class EngineGenerator:
         return self._max_sequence_length
 
     def generate(self, params: GenerationRequest) -> list[PromptCompletion]:
-        prompts = [self._prompt_ids(text, params.add_bos) for text in params.prompts]
+        if params.prompt_ids is not None:
+            prompts = [list(ids) or [self._tokenizer.eod] for ids in engine_prompt_ids(
+                params, self._tokenizer)]  # fmt: skip
+        else:
+            prompts = [self._prompt_ids(text, params.add_bos) for text in params.prompts]
         if params.max_new_tokens == 0:
             return [PromptCompletion(i, "", (), (), ()) for i in range(len(prompts))]
         results = generate(self.model, prompts, self._engine_params(params))
@@ -82,7 +122,13 @@ class EngineGenerator:
         method = params.decoding_method
         if method == "auto":
             method = "pipelined" if self._pipelined else "recompute"
+        extra = {}  # fields of the token-by-token engine, passed once it has them
+        if "top_logprobs" in _ENGINE_PARAMS:
+            extra["top_logprobs"] = params.num_top_logprobs
+        if "exit_max_probs" in _ENGINE_PARAMS:
+            extra["exit_max_probs"] = params.print_max_prob
         return GenerationParams(
+            **extra,
             max_new_tokens=params.max_new_tokens,
             temperature=params.temperature,
             top_k=params.top_k,
@@ -98,12 +144,10 @@ class EngineGenerator:
         )
 
     def _result(self, index: int, result, params: GenerationRequest) -> PromptCompletion:
-        pieces, previous = [], ""
-        for count in range(1, len(result.tokens) + 1):
-            text = self._tokenizer.detokenize(result.tokens[:count])
-            pieces.append(text[len(previous) :])
-            previous = text
-        text = result.text if result.text is not None else previous
+        pieces = token_pieces(self._tokenizer, result.tokens)
+        text = result.text if result.text is not None else "".join(pieces)
+        top = getattr(result, "top_logprobs", None)
+        max_probs = getattr(result, "exit_max_probs", None)
         return PromptCompletion(
             index=index,
             text=text,
@@ -111,5 +155,18 @@ class EngineGenerator:
             segments=tuple(pieces),
             exit_depths=tuple(result.exit_depths),
             logprobs=tuple(result.logprobs) if params.return_logprobs else None,
+            top_logprobs=self._top_text(top) if params.num_top_logprobs and top else None,
             finish_reason=result.finish_reason,
+            exit_max_probs=tuple(map(dict, max_probs))
+            if params.print_max_prob and max_probs
+            else None,
         )
+
+    def _top_text(self, top) -> tuple[dict[str, float], ...]:
+        """The engine's ``(token id, log-prob)`` alternatives as ``{token text: log-prob}``."""
+        detokenize = self._tokenizer.detokenize
+        return tuple({detokenize([t]): float(lp) for t, lp in token} for token in top)
+
+
+def _tuples(alternatives) -> tuple[tuple[int, float], ...] | None:
+    return None if alternatives is None else tuple((int(t), float(p)) for t, p in alternatives)

@@ -4,7 +4,13 @@ Two transports share one service: the Megatron/EE-LLM style ``PUT /api`` (``Gene
 ``GenerateResponse``) and the OpenAI style ``POST /v1/completions`` (``CompletionRequest``,
 ``CompletionResponse``, ``CompletionChunk`` for server-sent events). Both requests map onto the
 frozen ``GenerationRequest`` (``params_from_generate``, ``params_from_completion``), the only type
-the service layer sees.
+the service layer sees (chat requests are in ``chat.py``; they map onto it too). Completion
+prompts may be text or token ids; standard OpenAI fields the server does not implement are
+accepted at their neutral values only (``NEUTRAL_FIELDS``), anything else is a 400 naming them.
+
+Everything a client sends is bounded by ``ServerLimits`` before it costs work: prompt characters
+(before tokenizing), token-id counts, prompts x new tokens, stop strings (count and length), free
+text fields such as ``model`` and ``user``.
 
 Validation is strict (JSON types are not coerced: ``"true"`` or ``1`` is not a boolean, ``"64"``
 is not an integer) and unknown fields are rejected. Server limits are applied through the
@@ -19,6 +25,7 @@ instead of silently ignored; the response field is ``request_time`` (not ``requs
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -53,7 +60,11 @@ MAX_RANDOM_SEED = 2**63 - 1
 
 @dataclass(frozen=True)
 class ServerLimits:
-    """Per-server bounds on a request; the defaults match the original server's 128 prompts."""
+    """Per-server bounds on a request; the defaults match the original server's 128 prompts.
+
+    Everything a client controls is bounded before the work it causes: the body before parsing,
+    each prompt's characters before tokenizing, prompts x new tokens before queueing.
+    """
 
     max_prompts: int = 128
     """Most prompts in one request."""
@@ -61,11 +72,33 @@ class ServerLimits:
     """Most tokens in one prompt (checked after tokenization: ``check_prompt_tokens``)."""
     max_tokens_to_generate: int = 1024
     """Most new tokens per prompt."""
+    max_body_bytes: int = 4 * 1024 * 1024
+    """Largest request body, checked while it is read (413 beyond)."""
+    max_prompt_chars: int | None = None
+    """Most characters in one text prompt, checked before tokenizing; None means
+    ``16 * max_prompt_tokens`` (no tokenizer in use averages 16 characters per token)."""
+    max_request_tokens: int = 65536
+    """Most prompts x new tokens per request (and, after tokenizing, prompt plus new tokens)."""
+    max_stop_strings: int = 16
+    """Most stop strings per request."""
+    max_stop_chars: int = 256
+    """Longest stop string."""
+    max_field_chars: int = 256
+    """Longest free-text field that is not a prompt (``model``, ``user``, a chat ``name``)."""
+    max_messages: int = 256
+    """Most messages in one chat request."""
+    max_queued_requests: int = 32
+    """Most requests waiting or running; one more is answered 503."""
 
     def __post_init__(self) -> None:
-        for name in ("max_prompts", "max_prompt_tokens", "max_tokens_to_generate"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"ServerLimits.{name} must be >= 1, got {getattr(self, name)}")
+        for name, value in dataclasses.asdict(self).items():
+            if value is not None and value < 1:
+                raise ValueError(f"ServerLimits.{name} must be >= 1, got {value}")
+
+    @property
+    def prompt_chars(self) -> int:
+        """The effective ``max_prompt_chars``."""
+        return self.max_prompt_chars or 16 * self.max_prompt_tokens
 
 
 class RequestError(ValueError):
@@ -94,10 +127,34 @@ def _as_list(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
-def _check_prompt_count(prompts: list[str], info: ValidationInfo) -> list[str]:
-    max_prompts = _limits(info).max_prompts
-    if len(prompts) > max_prompts:
-        raise ValueError(f"at most {max_prompts} prompts per request, got {len(prompts)}")
+def _as_prompt_list(value: Any) -> Any:
+    """A prompt, a list of prompts, token ids or a list of token-id lists -> a list of prompts."""
+    if isinstance(value, list) and value and all(type(v) is int for v in value):
+        return [value]
+    return _as_list(value)
+
+
+def _check_prompt_count(prompts: list, info: ValidationInfo) -> list:
+    limits = _limits(info)
+    if len(prompts) > limits.max_prompts:
+        raise ValueError(f"at most {limits.max_prompts} prompts per request, got {len(prompts)}")
+    for index, prompt in enumerate(prompts):
+        # bounded before tokenizing: the characters of text, the count of token ids
+        if isinstance(prompt, str) and len(prompt) > limits.prompt_chars:
+            raise PydanticCustomError(
+                "too_long",
+                "prompt {index} has {count} characters, at most {limit} are allowed",
+                {"index": index, "count": len(prompt), "limit": limits.prompt_chars},
+            )
+        if isinstance(prompt, list):
+            if len(prompt) > limits.max_prompt_tokens:
+                raise PydanticCustomError(
+                    "too_long",
+                    "prompt {index} has {count} tokens, at most {limit} are allowed",
+                    {"index": index, "count": len(prompt), "limit": limits.max_prompt_tokens},
+                )
+            if any(token < 0 for token in prompt):
+                raise ValueError(f"prompt {index}: token ids must be >= 0")
     return prompts
 
 
@@ -114,16 +171,48 @@ def _check_exit_layers(value: list[int] | None) -> list[int] | None:
     return value
 
 
-def _check_stop_strings(value: list[str]) -> list[str]:
+def _check_stop_strings(value: list[str], info: ValidationInfo) -> list[str]:
+    limits = _limits(info)
+    if len(value) > limits.max_stop_strings:
+        raise ValueError(f"at most {limits.max_stop_strings} stop strings, got {len(value)}")
     if any(not stop for stop in value):
         raise ValueError("stop strings must be non-empty")
+    if any(len(stop) > limits.max_stop_chars for stop in value):
+        raise ValueError(f"stop strings must have at most {limits.max_stop_chars} characters")
     return value
+
+
+def _check_field_chars(value: str | None, info: ValidationInfo) -> str | None:
+    limit = _limits(info).max_field_chars
+    if value is not None and len(value) > limit:
+        raise ValueError(f"at most {limit} characters, got {len(value)}")
+    return value
+
+
+def _check_request_tokens(
+    num_prompts: int, new_tokens: int, info: ValidationInfo, field: str
+) -> None:
+    """Prompts x new tokens bounded before any prompt is tokenized."""
+    limit = _limits(info).max_request_tokens
+    if num_prompts * new_tokens > limit:
+        raise _field_error(
+            field,
+            f"{num_prompts} prompts x {new_tokens} new tokens exceeds the server's {limit} "
+            "tokens per request",
+        )
 
 
 _STRICT_NO_EXTRA = ConfigDict(extra="forbid", strict=True)
 PromptList = Annotated[
     list[str], BeforeValidator(_as_list), Field(min_length=1), AfterValidator(_check_prompt_count)
 ]
+PromptOrIdsList = Annotated[
+    list[str | list[int]],
+    BeforeValidator(_as_prompt_list),
+    Field(min_length=1),
+    AfterValidator(_check_prompt_count),
+]
+ShortText = Annotated[str | None, AfterValidator(_check_field_chars)]
 NewTokens = Annotated[int, Field(ge=0), AfterValidator(_check_new_tokens)]
 StopStrings = Annotated[list[str], BeforeValidator(_as_list), AfterValidator(_check_stop_strings)]
 ExitLayers = Annotated[list[Annotated[int, Field(gt=0)]] | None, AfterValidator(_check_exit_layers)]
@@ -164,7 +253,12 @@ class GenerateRequest(BaseModel):
     exit_layers: ExitLayers = Field(None, description=_EXIT_LAYERS_DOC)
     early_exit_measure: ConfidenceMeasure = DEFAULT_CONFIDENCE_MEASURE
     early_exit_method: DecodingMethod = Field("auto", description="How skipped layers get KV.")
-    print_max_prob: bool = Field(False, description="Log each exit's top token and probability.")
+    print_max_prob: bool = Field(
+        False, description="Report each generated token's top probability at every exit."
+    )
+    score_exit_layer: int | None = Field(
+        None, gt=0, description="Extension: score prompts (tokens_to_generate=0) by this exit."
+    )
     no_log: bool = Field(False, description="Do not log this request.")
 
     @model_validator(mode="before")
@@ -177,7 +271,14 @@ class GenerateRequest(BaseModel):
         return data
 
     @model_validator(mode="after")
-    def _check_combinations(self) -> GenerateRequest:
+    def _check_combinations(self, info: ValidationInfo) -> GenerateRequest:
+        _check_request_tokens(
+            len(self.prompts), self.tokens_to_generate, info, "tokens_to_generate"
+        )
+        if self.score_exit_layer is not None and self.tokens_to_generate != 0:
+            raise _field_error(
+                "score_exit_layer", "scores prompts: needs tokens_to_generate=0 and logprobs=true"
+            )
         if self.top_k > 0 and self.top_p > 0:
             raise _field_error("top_p", "top_k and top_p are mutually exclusive")
         if not self.add_BOS:
@@ -199,8 +300,48 @@ class GenerateResponse(BaseModel):
     exit_layers: list[list[int]]
     """Per prompt, per *generated* token: the layer of the exit that produced it. Tokens from the
     final head report the model's ``num_layers``, so early exit off gives all ``num_layers``."""
+    max_probs: list[list[dict[int, float]]] | None = None
+    """With ``print_max_prob``: per prompt, per generated token, the top probability of every exit
+    evaluated for it, by exit layer (EE-LLM's ``print_max_prob``, returned instead of printed)."""
     request_time: float
     """Wall time of the request in seconds."""
+
+
+NEUTRAL_FIELDS: dict[str, Any] = {
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "logit_bias": {},
+    "best_of": 1,
+    "suffix": None,
+}
+"""OpenAI fields this server does not implement, accepted at these (neutral) values only."""
+
+
+def check_neutral_fields(request: BaseModel) -> None:
+    """Refuse a non-neutral value of a standard field the server does not implement."""
+    for name, neutral in NEUTRAL_FIELDS.items():
+        if name in type(request).model_fields and getattr(request, name) != neutral:
+            raise _field_error(
+                name,
+                f"only the neutral value {neutral!r} is supported (this server does not "
+                f"implement {name}); remove the field or send {neutral!r}",
+            )
+
+
+class StreamOptions(BaseModel):
+    """OpenAI ``stream_options``: the final usage chunk is always sent."""
+
+    model_config = _STRICT_NO_EXTRA
+
+    include_usage: bool = True
+    continuous_usage_stats: bool = False
+
+    @field_validator("continuous_usage_stats")
+    @classmethod
+    def _no_continuous(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("continuous usage statistics are not supported")
+        return value
 
 
 class EarlyExitOptions(BaseModel):
@@ -224,8 +365,10 @@ class CompletionRequest(BaseModel):
 
     model_config = _STRICT_NO_EXTRA
 
-    model: str | None = None
-    prompt: PromptList = Field(description="One prompt or a list of prompts.")
+    model: ShortText = None
+    prompt: PromptOrIdsList = Field(
+        description="A prompt, a list of prompts, token ids or a list of token-id lists."
+    )
     max_tokens: NewTokens = 16
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -236,13 +379,34 @@ class CompletionRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_RANDOM_SEED)
     echo: bool = False
     early_exit: EarlyExitOptions | None = None
+    score_exit_layer: int | None = Field(
+        None, gt=0, description="Extension: the exit whose log-probs score echoed prompt tokens."
+    )
+    # Standard OpenAI fields accepted at their neutral values only (NEUTRAL_FIELDS).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] = Field(default_factory=dict)
+    user: ShortText = None
+    best_of: int = 1
+    stream_options: StreamOptions | None = None
+    suffix: str | None = None
 
     @field_validator("prompt")
     @classmethod
-    def _non_empty_prompts(cls, prompts: list[str]) -> list[str]:
-        if any(not prompt for prompt in prompts):
-            raise ValueError("prompts must be non-empty strings")
+    def _non_empty_prompts(cls, prompts: list) -> list:
+        if any(len(prompt) == 0 for prompt in prompts):
+            raise ValueError("prompts must be non-empty (text or token ids)")
         return prompts
+
+    @model_validator(mode="after")
+    def _check_work(self, info: ValidationInfo) -> CompletionRequest:
+        check_neutral_fields(self)
+        _check_request_tokens(len(self.prompt), self.max_tokens, info, "max_tokens")
+        if self.score_exit_layer is not None and not (self.echo and self.logprobs is not None):
+            raise _field_error(
+                "score_exit_layer", "scores echoed prompts: needs echo=true and logprobs"
+            )
+        return self
 
     @field_validator("n")
     @classmethod
@@ -260,7 +424,9 @@ class CompletionLogprobs(BaseModel):
 
     tokens: list[str]
     token_logprobs: list[float | None]
-    top_logprobs: list[dict[str, float]] | None = None
+    top_logprobs: list[dict[str, float] | None] | None = None
+    """Per token, the most likely alternatives (token text -> log-prob); None for the first
+    echoed prompt token, and for generated tokens when the engine does not report them."""
     text_offset: list[int]
 
 
@@ -306,6 +472,39 @@ class CompletionChunk(BaseModel):
     usage: CompletionUsage | None = None
 
 
+def _check_text_chars(value: str, info: ValidationInfo) -> str:
+    limit = _limits(info).prompt_chars
+    if len(value) > limit:
+        raise ValueError(f"at most {limit} characters, got {len(value)}")
+    return value
+
+
+def _check_token_count(value: list[int], info: ValidationInfo) -> list[int]:
+    limit = _limits(info).max_prompt_tokens
+    if len(value) > limit:
+        raise ValueError(f"at most {limit} tokens, got {len(value)}")
+    return value
+
+
+class TokenizeRequest(BaseModel):
+    """Body of ``POST /tokenize`` (the form lm-evaluation-harness' remote tokenizer sends)."""
+
+    model_config = _STRICT_NO_EXTRA
+
+    model: ShortText = None
+    prompt: Annotated[str, AfterValidator(_check_text_chars)]
+    add_special_tokens: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    """Body of ``POST /detokenize``."""
+
+    model_config = _STRICT_NO_EXTRA
+
+    model: ShortText = None
+    tokens: Annotated[list[Annotated[int, Field(ge=0)]], AfterValidator(_check_token_count)]
+
+
 # ------------------------------------------------------------------------------ internal form
 
 
@@ -313,7 +512,9 @@ class CompletionChunk(BaseModel):
 class GenerationRequest:
     """Transport-independent generation settings: what the service layer consumes."""
 
-    prompts: tuple[str, ...]
+    prompts: tuple[str | tuple[int, ...], ...]
+    """Text prompts, or token ids as the client sent them; the service's preparation makes them
+    all text (detokenized ids) and fills ``prompt_ids``."""
     max_new_tokens: int
     temperature: float = 0.0
     """0 means greedy."""
@@ -333,8 +534,16 @@ class GenerationRequest:
     """None means early exit is off: exits are not evaluated."""
     decoding_method: DecodingMethod = "auto"
     print_max_prob: bool = False
+    """Report each generated token's top probability at every exit evaluated for it."""
     stream: bool = False
     no_log: bool = False
+    prompt_ids: tuple[tuple[int, ...], ...] | None = None
+    """Each prompt's token ids (BOS not included): set by the service, used by the engine as is."""
+    score_prompts: bool = False
+    """Also score the prompt tokens by a full forward (echo with logprobs, or Megatron's
+    ``tokens_to_generate=0``)."""
+    score_exit_depth: int | None = None
+    """The exit whose log-probs score the prompt; None for the final head."""
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -369,6 +578,8 @@ def params_from_generate(request: GenerateRequest) -> GenerationRequest:
         decoding_method=request.early_exit_method,
         print_max_prob=request.print_max_prob,
         no_log=request.no_log,
+        score_prompts=request.tokens_to_generate == 0 and request.logprobs,
+        score_exit_depth=request.score_exit_layer,
     )
 
 
@@ -381,7 +592,7 @@ def params_from_completion(request: CompletionRequest) -> GenerationRequest:
             threshold=options.threshold, measure=options.measure, depths=options.exit_layers
         )
     return GenerationRequest(
-        prompts=tuple(request.prompt),
+        prompts=tuple(p if isinstance(p, str) else tuple(p) for p in request.prompt),
         max_new_tokens=request.max_tokens,
         temperature=request.temperature,
         top_p=request.top_p,
@@ -393,6 +604,8 @@ def params_from_completion(request: CompletionRequest) -> GenerationRequest:
         early_exit=policy,
         decoding_method=options.method if options is not None else "auto",
         stream=request.stream,
+        score_prompts=request.echo and request.logprobs is not None,
+        score_exit_depth=request.score_exit_layer,
     )
 
 
@@ -404,6 +617,11 @@ def _validate(model: type[BaseModel], body: Any, limits: ServerLimits | None) ->
     if isinstance(body, str | bytes | bytearray):
         return model.model_validate_json(body, context=context)
     return model.model_validate(body, context=context)
+
+
+def parse_request(model: type[BaseModel], body: Any, limits: ServerLimits | None = None) -> Any:
+    """Validate a body (JSON text or decoded object) as ``model`` under ``limits``."""
+    return _validate(model, body, limits)
 
 
 def parse_generate_request(body: Any, limits: ServerLimits | None = None) -> GenerateRequest:

@@ -1,15 +1,17 @@
 """The generation service: plain Python between the HTTP routes and a text generator.
 
-``GenerationService`` validates a parsed request against the server limits and the model (prompt
-token counts, exit layers, context length), runs it on a ``TextGenerator`` and maps the results
-onto the protocol's response types. Requests are serialised: every generation runs on one
-dedicated thread, in arrival order, so a multi-rank generator never interleaves its broadcasts.
-The request time reported to the client includes the time spent waiting for that thread.
+``GenerationService`` prepares a parsed request (``preparation.prepare_request``), runs it on
+its one generation thread and maps the results onto the protocol's responses
+(``responses``). Requests are serialised: every generation runs on that thread, in arrival
+order, so a multi-rank generator never interleaves its broadcasts. The queue is bounded
+(``ServerLimits.max_queued_requests``, waiting plus running): one more request raises
+``ServiceBusy`` (503). A request whose client has gone (its ``cancelled`` event set) is dropped
+if it has not started; a started one runs to its end, because the other ranks of a multi-rank
+server are in lockstep with it. The request time reported to the client includes the wait.
 
-A ``TextGenerator`` is anything with a tokenizer, the model's layer numbers and two methods:
-``generate(params)`` returning one ``PromptCompletion`` per prompt, and ``stream(params)``
-yielding a ``TokenEvent`` per kept generated token and a ``PromptCompletion`` per prompt once
-that prompt is finished. ``FakeGenerator`` is a deterministic one for tests and demos.
+A request that scores prompts (OpenAI ``echo`` with ``logprobs``; Megatron's
+``tokens_to_generate=0`` with ``logprobs``) first runs the generator's ``score`` (a full
+no-cache forward, by the final head or the chosen exit), then generates, in the same job.
 """
 
 from __future__ import annotations
@@ -17,199 +19,93 @@ from __future__ import annotations
 import dataclasses
 import logging
 import queue
-import secrets
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Protocol
 
-import torch
-
-from megatron.early_exit.inference.sampling import StopChecker, find_stop_string
+from megatron.early_exit.inference.decide import ExitPolicy
+from megatron.early_exit.server.chat import (
+    ChatChunkConverter,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    chat_choice,
+    params_from_chat,
+    render_chat,
+)
+from megatron.early_exit.server.generator import (
+    PromptCompletion,
+    PromptScores,
+    TextGenerator,
+    check_scores,
+    engine_prompt_ids,
+)
+from megatron.early_exit.server.preparation import (
+    CHAT_FIELDS,
+    COMPLETION_FIELDS,
+    GENERATE_FIELDS,
+    PreparedRequest,
+    RequestFields,
+    prepare_request,
+)
 from megatron.early_exit.server.protocol import (
-    DECODING_METHODS,
-    MAX_RANDOM_SEED,
-    CompletionChoice,
     CompletionChunk,
-    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
-    CompletionUsage,
     GenerateRequest,
     GenerateResponse,
     GenerationRequest,
     RequestError,
     ServerLimits,
-    check_prompt_tokens,
     params_from_completion,
     params_from_generate,
 )
+from megatron.early_exit.server.responses import (
+    ChunkAssembler,
+    GenerationError,
+    completion_choice,
+    completion_id,
+    max_probs,
+    usage,
+)
+from megatron.early_exit.server.text import token_pieces
 
 logger = logging.getLogger(__name__)
 
-EngineFinishReason = Literal["stop", "eos", "length"]
+__all__ = ["GenerationError", "GenerationService", "RequestCancelled", "ServiceBusy"]
 
 
-# ------------------------------------------------------------------------------- interface
+class ServiceBusy(RuntimeError):
+    """The queue is full (reported as 503)."""
 
 
-class Tokenizer(Protocol):
-    """What the service needs from a tokenizer (every tokenizer in ``data/tokenizers.py``)."""
-
-    def tokenize(self, text: str) -> list[int]: ...
-
-    def detokenize(self, ids: Iterable[int]) -> str: ...
+class RequestCancelled(RuntimeError):
+    """The client left before its request started; it was dropped."""
 
 
 @dataclass(frozen=True)
-class TokenEvent:
-    """One kept generated token of one prompt, as the generator streams it."""
+class JobResult:
+    """What one job computed: the prompts' scores (when asked) and the generations."""
 
-    index: int
-    """Position of the prompt in ``GenerationRequest.prompts``."""
-    token_id: int
-    text: str
-    """The token's text: the growth of the detokenized generated text (before stop truncation)."""
-    exit_depth: int
-    """Layer of the exit that produced the token; the final head reports ``num_layers``."""
-    logprob: float | None = None
-    top_logprobs: Mapping[str, float] | None = None
-    """The ``num_top_logprobs`` most likely alternatives (token text -> log-prob), if asked."""
-
-
-@dataclass(frozen=True)
-class PromptCompletion:
-    """The finished generation of one prompt (prompt excluded)."""
-
-    index: int
-    """Position of the prompt in ``GenerationRequest.prompts``."""
-    text: str
-    """Generated text, cut before a stop string or EOS."""
-    token_ids: tuple[int, ...]
-    """Kept generated tokens (an EOS token is dropped; a token completing a stop string kept)."""
-    segments: tuple[str, ...]
-    """Text of each kept token."""
-    exit_depths: tuple[int, ...]
-    """Exit layer of each kept token."""
-    logprobs: tuple[float, ...] | None = None
-    """Log-prob of each kept token when ``return_logprobs``."""
-    top_logprobs: tuple[Mapping[str, float], ...] | None = None
-    """Alternatives of each kept token when ``num_top_logprobs > 0``."""
-    finish_reason: EngineFinishReason = "length"
-
-
-StreamItem = TokenEvent | PromptCompletion
-
-
-class TextGenerator(Protocol):
-    """A generation engine as the service sees it (one process, or rank 0 of many)."""
-
-    @property
-    def tokenizer(self) -> Tokenizer: ...
-
-    @property
-    def num_layers(self) -> int:
-        """The model's number of layers: the exit layer reported for the final head."""
-        ...
-
-    @property
-    def exit_depths(self) -> tuple[int, ...]:
-        """Layers the model's exits follow, increasing."""
-        ...
-
-    @property
-    def max_sequence_length(self) -> int | None:
-        """Most prompt plus generated tokens per sequence; None for no limit."""
-        ...
-
-    @property
-    def decoding_methods(self) -> tuple[str, ...]:
-        """Values of ``GenerationRequest.decoding_method`` it accepts (``"auto"`` among them)."""
-        ...
-
-    def generate(self, params: GenerationRequest) -> list[PromptCompletion]:
-        """Generate for every prompt; one result per prompt, in prompt order."""
-        ...
-
-    def stream(self, params: GenerationRequest) -> Iterator[StreamItem]:
-        """Yield a ``TokenEvent`` per kept token and a ``PromptCompletion`` per finished prompt."""
-        ...
-
-
-def stream_from_results(results: Iterable[PromptCompletion]) -> Iterator[StreamItem]:
-    """Events of finished results (for generators that cannot stream: tokens arrive at the end)."""
-    for result in results:
-        for position, (token_id, piece, layer) in enumerate(
-            zip(result.token_ids, result.segments, result.exit_depths, strict=True)
-        ):
-            yield TokenEvent(
-                index=result.index,
-                token_id=token_id,
-                text=piece,
-                exit_depth=layer,
-                logprob=result.logprobs[position] if result.logprobs else None,
-                top_logprobs=result.top_logprobs[position] if result.top_logprobs else None,
-            )
-        yield result
-
-
-def results_from_stream(items: Iterable[StreamItem], num_prompts: int) -> list[PromptCompletion]:
-    """The results of a ``stream``, in prompt order (for generators that implement only it)."""
-    results: dict[int, PromptCompletion] = {}
-    for item in items:
-        if isinstance(item, PromptCompletion):
-            results[item.index] = item
-    if sorted(results) != list(range(num_prompts)):
-        raise RuntimeError(f"generator returned results for {sorted(results)}, not all prompts")
-    return [results[index] for index in range(num_prompts)]
-
-
-# ---------------------------------------------------------------------------------- service
-
-
-class GenerationError(RuntimeError):
-    """The generator failed while serving a request (reported as a server error)."""
-
-
-class RequestFields(NamedTuple):
-    """Request field names of one transport, for error messages."""
-
-    prompts: str
-    exit_layers: str
-    new_tokens: str
-    method: str
-    measure: str
-
-
-GENERATE_FIELDS = RequestFields(
-    "prompts", "exit_layers", "tokens_to_generate", "early_exit_method", "early_exit_measure"
-)
-COMPLETION_FIELDS = RequestFields(
-    "prompt", "early_exit.exit_layers", "max_tokens", "early_exit.method", "early_exit.measure"
-)
-
-
-@dataclass(frozen=True)
-class PreparedRequest:
-    """A validated request: parameters (seed chosen) and each prompt's token ids."""
-
-    params: GenerationRequest
-    prompt_token_ids: tuple[tuple[int, ...], ...]
+    scores: list[PromptScores] | None
+    results: list[PromptCompletion]
 
 
 _END = object()
+_POLL_S = 0.05
 
 
 class GenerationService:
-    """Validate, serialise and time generation requests; map results onto responses.
+    """Prepare, serialise and time generation requests; map results onto responses.
 
     Args:
         generator: the engine (a ``BroadcastingGenerator`` on rank 0 of a multi-rank server).
         limits: per-request bounds.
-        model_name: reported in OpenAI-style responses.
+        model_name: reported in OpenAI-style responses and listed by ``/v1/models``, with one
+            alias ``<model_name>@exit<K>`` per exit: the model truncated at that exit (generation
+            always exits there; echoed prompts are scored by that exit).
+        chat_template: overrides the tokenizer's chat template (``None``: the tokenizer's).
     """
 
     def __init__(
@@ -217,73 +113,34 @@ class GenerationService:
         generator: TextGenerator,
         limits: ServerLimits | None = None,
         model_name: str = "ee-llm",
+        chat_template: str | None = None,
     ) -> None:
         self.generator = generator
         self.limits = limits or ServerLimits()
         self.model_name = model_name
+        self.chat_template = chat_template
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generation")
         self._stats_lock = threading.Lock()
         self._num_pending = 0
         self._num_served = 0
         self._num_failed = 0
+        self._num_cancelled = 0
+        self._num_refused = 0
 
-    # ---------------------------------------------------------------- validation and running
+    # ---------------------------------------------------------------- preparing and running
 
     def prepare(
         self, params: GenerationRequest, fields: RequestFields = GENERATE_FIELDS
     ) -> PreparedRequest:
-        """Check ``params`` against the limits and the model; choose a seed if none was given.
-
-        Raises ``RequestError`` naming the offending field.
-        """
-        tokenizer = self.generator.tokenizer
-        prompt_ids = tuple(tuple(tokenizer.tokenize(prompt)) for prompt in params.prompts)
-        counts = [len(ids) + int(params.add_bos) for ids in prompt_ids]
-        check_prompt_tokens(counts, self.limits, fields.prompts)
-        if params.max_new_tokens > self.limits.max_tokens_to_generate:
-            raise RequestError(
-                fields.new_tokens,
-                f"at most {self.limits.max_tokens_to_generate} tokens can be generated",
-            )
-        max_length = self.generator.max_sequence_length
-        if max_length is not None:
-            for index, count in enumerate(counts):
-                if count + params.max_new_tokens > max_length:
-                    raise RequestError(
-                        fields.new_tokens,
-                        f"prompt {index} has {count} tokens; with {params.max_new_tokens} new "
-                        f"tokens it exceeds the model's {max_length}-token context",
-                        "too_long",
-                    )
-        methods = self.generator.decoding_methods
-        if params.decoding_method not in methods:
-            raise RequestError(
-                fields.method,
-                f"decoding method {params.decoding_method!r} is not available on this server "
-                f"(available: {', '.join(methods)})",
-            )
-        if params.early_exit is not None:
-            try:
-                params.early_exit.check_model_exits(self.generator.exit_depths)
-            except ValueError as error:
-                raise RequestError(fields.exit_layers, str(error)) from None
-            measures = getattr(self.generator, "confidence_measures", None)
-            if measures is not None and params.early_exit.measure not in measures:
-                raise RequestError(
-                    fields.measure,
-                    f"confidence measure {params.early_exit.measure!r} is not available for this "
-                    f"model (available: {', '.join(measures)}; 'learned' needs exits with "
-                    "confidence heads)",
-                )
-        if params.random_seed is None:
-            params = dataclasses.replace(params, random_seed=secrets.randbelow(MAX_RANDOM_SEED))
-        return PreparedRequest(params, prompt_ids)
+        """Check ``params`` (``RequestError`` naming the field); choose a seed if none given."""
+        return prepare_request(self.generator, self.limits, params, fields)
 
     def submit(
         self, params: GenerationRequest, fields: RequestFields = GENERATE_FIELDS
     ) -> Future[list[PromptCompletion]]:
         """Validate now (``RequestError``), queue the generation; the future holds the results."""
-        return self._submit(self._generate_now, self.prepare(params, fields).params)
+        prepared = self.prepare(params, fields)
+        return self._submit(lambda p: self._run_job(p).results, prepared)
 
     def run(
         self, params: GenerationRequest, fields: RequestFields = GENERATE_FIELDS
@@ -291,15 +148,22 @@ class GenerationService:
         """Validate and generate (waiting for earlier requests); one result per prompt."""
         return self.submit(params, fields).result()
 
-    def _submit(self, fn: Callable, *args):
+    def _submit(self, fn: Callable, *args) -> Future:
         with self._stats_lock:
+            if self._num_pending >= self.limits.max_queued_requests:
+                self._num_refused += 1
+                raise ServiceBusy(
+                    f"the server is busy ({self._num_pending} requests queued or running); "
+                    "retry later"
+                )
             self._num_pending += 1
         try:
-            return self._executor.submit(self._counted, fn, *args)
+            future = self._executor.submit(self._counted, fn, *args)
         except RuntimeError:  # the service was closed
             with self._stats_lock:
                 self._num_pending -= 1
             raise
+        return future
 
     def _counted(self, fn: Callable, *args):
         try:
@@ -314,20 +178,55 @@ class GenerationService:
             self._num_pending -= 1
         return result
 
-    def _generate_now(self, params: GenerationRequest) -> list[PromptCompletion]:
+    def _wait(self, future: Future, cancelled: threading.Event | None):
+        """The future's result; drops the job if ``cancelled`` is set before it starts."""
+        if cancelled is None:
+            return future.result()
+        while True:
+            try:
+                return future.result(timeout=_POLL_S)
+            except TimeoutError:
+                if cancelled.is_set() and future.cancel():
+                    self._note_cancelled()
+                    raise RequestCancelled("the client left before the request started") from None
+
+    def _note_cancelled(self) -> None:
+        with self._stats_lock:
+            self._num_pending -= 1
+            self._num_cancelled += 1
+
+    def _scores(self, params: GenerationRequest) -> list[PromptScores] | None:
+        if not params.score_prompts:
+            return None
+        scores = self.generator.score(params)
+        check_scores(scores, engine_prompt_ids(params, self.generator.tokenizer))
+        return scores
+
+    def _run_job(self, prepared: PreparedRequest) -> JobResult:
+        params = prepared.params
         try:
-            results = list(self.generator.generate(params))
+            scores = self._scores(params)
+            if params.max_new_tokens == 0:
+                results = [_empty_completion(i) for i in range(len(params.prompts))]
+            else:
+                results = list(self.generator.generate(params))
         except Exception as error:
             logger.exception("generation failed")
             raise GenerationError(f"generation failed: {type(error).__name__}: {error}") from error
         if [result.index for result in results] != list(range(len(params.prompts))):
             raise GenerationError("generator returned results out of prompt order")
-        return results
+        return JobResult(scores, results)
 
-    def _stream_now(self, params: GenerationRequest, out: queue.Queue) -> None:
+    def _stream_job(self, prepared: PreparedRequest, out: queue.Queue) -> None:
+        params = prepared.params
         try:
-            for item in self.generator.stream(params):
-                out.put(item)
+            out.put(("scores", self._scores(params)))
+            if params.max_new_tokens == 0:
+                for index in range(len(params.prompts)):
+                    out.put(_empty_completion(index))
+            else:
+                for item in self.generator.stream(params):
+                    out.put(item)
         except Exception as error:
             logger.exception("streaming generation failed")
             out.put(GenerationError(f"generation failed: {type(error).__name__}: {error}"))
@@ -346,85 +245,213 @@ class GenerationService:
                 seconds,
             )
 
+    def run_prepared(
+        self, prepared: PreparedRequest, cancelled: threading.Event | None = None
+    ) -> JobResult:
+        """Queue a prepared request and wait for it (``RequestCancelled`` if dropped)."""
+        return self._wait(self._submit(self._run_job, prepared), cancelled)
+
+    def stream_prepared(
+        self,
+        prepared: PreparedRequest,
+        assembler_fn: Callable[[list | None], object],
+        convert: Callable | None = None,
+    ) -> CancellableStream:
+        """Queue a prepared request for streaming; ``assembler_fn(scores)`` makes the chunks'
+        assembler once the scores (if any) are known; ``convert`` maps each chunk."""
+        out: queue.Queue = queue.Queue()
+        future = self._submit(self._stream_job, prepared, out)
+        return CancellableStream(self, future, out, assembler_fn, prepared.params, convert)
+
+    # ---------------------------------------------------------------- models and templates
+
+    def model_names(self) -> list[str]:
+        """The served model and its per-exit aliases (``/v1/models``)."""
+        return [
+            self.model_name,
+            *(f"{self.model_name}@exit{d}" for d in self.generator.exit_depths),
+        ]
+
+    def _exit_alias(self, model: str | None) -> int | None:
+        """The exit depth ``model`` names (None for the full model); RequestError if unknown."""
+        if model is None or model == self.model_name:
+            return None
+        for depth in self.generator.exit_depths:
+            if model == f"{self.model_name}@exit{depth}":
+                return depth
+        raise RequestError(
+            "model",
+            f"unknown model {model[:64]!r}; this server serves {', '.join(self.model_names())}",
+            "model_not_found",
+        )
+
+    def _for_model(self, params: GenerationRequest, model: str | None) -> GenerationRequest:
+        """``params`` for the model the request names: an exit alias decodes and scores there."""
+        depth = self._exit_alias(model)
+        if depth is None:
+            return params
+        if params.early_exit is not None or params.score_exit_depth not in (None, depth):
+            raise RequestError(
+                "model", "an exit alias fixes the exit: leave out early_exit and score_exit_layer"
+            )
+        return dataclasses.replace(
+            params,
+            early_exit=ExitPolicy(threshold=0.0, depths=[depth]),
+            score_exit_depth=depth,
+        )
+
+    def chat_prompt(self, request: ChatCompletionRequest) -> str:
+        """The conversation rendered with the chat template (RequestError if there is none)."""
+        template = self.chat_template or getattr(self.generator, "chat_template", None)
+        if not template:
+            raise RequestError(
+                "messages",
+                "this model has no chat template (its checkpoint's tokenizer records none); "
+                "use /v1/completions, or serve with --chat-template FILE",
+                "no_chat_template",
+            )
+        messages = [message.as_template_input() for message in request.messages]
+        return render_chat(template, messages, self.generator.tokenizer)
+
     # ------------------------------------------------------------------------- transports
 
-    def generate(self, request: GenerateRequest) -> GenerateResponse:
+    def generate(
+        self, request: GenerateRequest, cancelled: threading.Event | None = None
+    ) -> GenerateResponse:
         """Serve a ``PUT /api`` request."""
         start = time.perf_counter()
         prepared = self.prepare(params_from_generate(request), GENERATE_FIELDS)
         params = prepared.params
-        results = self._submit(self._generate_now, params).result()
-        texts, segments = [], []
-        for result, prompt, ids in zip(results, params.prompts, prepared.prompt_token_ids):
-            prompt_segments = [self._piece(token) for token in ids] if params.echo_prompts else []
-            texts.append((prompt if params.echo_prompts else "") + result.text)
+        job = self.run_prepared(prepared, cancelled)
+        tokenizer = self.generator.tokenizer
+        texts, segments, logprobs = [], [], []
+        for result, prompt, ids in zip(job.results, params.prompts, prepared.prompt_token_ids):
+            echo = params.echo_prompts or params.score_prompts
+            prompt_segments = token_pieces(tokenizer, ids) if echo else []
+            texts.append((prompt if echo else "") + result.text)
             segments.append(prompt_segments + list(result.segments))
+            logprobs.append(list(result.logprobs or ()))
+        if job.scores is not None:  # Megatron's format: no entry for the first token
+            logprobs = [list(score.logprobs[1:]) for score in job.scores]
         elapsed = time.perf_counter() - start
         self._log(params, "generate", elapsed)
         return GenerateResponse(
             text=texts,
             segments=segments,
-            logprobs=[list(r.logprobs or ()) for r in results] if params.return_logprobs else None,
-            exit_layers=[list(result.exit_depths) for result in results],
+            logprobs=logprobs if params.return_logprobs else None,
+            exit_layers=[list(result.exit_depths) for result in job.results],
+            max_probs=max_probs(job.results) if params.print_max_prob else None,
             request_time=elapsed,
         )
 
-    def complete(self, request: CompletionRequest) -> CompletionResponse:
+    def complete(
+        self, request: CompletionRequest, cancelled: threading.Event | None = None
+    ) -> CompletionResponse:
         """Serve a non-streaming ``POST /v1/completions`` request."""
         start = time.perf_counter()
-        prepared = self.prepare(params_from_completion(request), COMPLETION_FIELDS)
-        params = prepared.params
-        results = self._submit(self._generate_now, params).result()
-        choices = []
-        for result, prompt in zip(results, params.prompts):
-            prefix = prompt if params.echo_prompts else ""
-            choices.append(
-                CompletionChoice(
-                    index=result.index,
-                    text=prefix + result.text,
-                    finish_reason=_openai_finish_reason(result.finish_reason),
-                    logprobs=_choice_logprobs(result, params, len(prefix)),
-                    exit_layers=list(result.exit_depths),
-                )
+        params = self._for_model(params_from_completion(request), request.model)
+        prepared = self.prepare(params, COMPLETION_FIELDS)
+        job = self.run_prepared(prepared, cancelled)
+        tokenizer = self.generator.tokenizer
+        choices = [
+            completion_choice(
+                tokenizer, prepared, result, job.scores[i] if job.scores is not None else None
             )
-        self._log(params, "complete", time.perf_counter() - start)
+            for i, result in enumerate(job.results)
+        ]
+        self._log(prepared.params, "complete", time.perf_counter() - start)
         return CompletionResponse(
-            id=_completion_id(),
-            model=request.model or self.model_name,
+            id=completion_id(),
+            model=self.model_name,
             choices=choices,
-            usage=_usage(prepared, sum(len(result.token_ids) for result in results)),
+            usage=usage(prepared, sum(len(result.token_ids) for result in job.results)),
         )
 
-    def stream_completion(self, request: CompletionRequest) -> Iterator[CompletionChunk]:
+    def stream_completion(self, request: CompletionRequest) -> CancellableStream:
         """Serve a streaming ``POST /v1/completions`` request.
 
         Validation happens here, before the first chunk (``RequestError`` is raised directly);
         generation then runs on the service thread. The chunks of one prompt assemble to the
         non-streamed text: text that might begin a stop string is held back until it is known
         not to. After the last prompt's final chunk comes one chunk with ``usage`` and no
-        choices. A generator failure raises ``GenerationError`` from the iterator. If the
-        consumer stops early, generation still runs to completion (other ranks are in lockstep).
+        choices. A generator failure raises ``GenerationError`` from the iterator. ``cancel()``
+        drops the request if it has not started.
         """
         start = time.perf_counter()
-        prepared = self.prepare(params_from_completion(request), COMPLETION_FIELDS)
-        out: queue.Queue = queue.Queue()
-        self._submit(self._stream_now, prepared.params, out)
-        assembler = _ChunkAssembler(
-            prepared, _completion_id(), request.model or self.model_name, start
+        params = self._for_model(params_from_completion(request), request.model)
+        prepared = self.prepare(params, COMPLETION_FIELDS)
+        chunk_id = completion_id()
+
+        def assembler(scores):
+            return ChunkAssembler(
+                prepared, self.generator.tokenizer, chunk_id, self.model_name, start, scores
+            )
+
+        return self.stream_prepared(prepared, assembler)
+
+    def _prepare_chat(self, request: ChatCompletionRequest) -> PreparedRequest:
+        params = params_from_chat(request, self.chat_prompt(request))
+        return self.prepare(self._for_model(params, request.model), CHAT_FIELDS)
+
+    def chat(
+        self, request: ChatCompletionRequest, cancelled: threading.Event | None = None
+    ) -> ChatCompletionResponse:
+        """Serve a non-streaming ``POST /v1/chat/completions`` request."""
+        start = time.perf_counter()
+        prepared = self._prepare_chat(request)
+        job = self.run_prepared(prepared, cancelled)
+        result = job.results[0]
+        choice = completion_choice(self.generator.tokenizer, prepared, result, None)
+        self._log(prepared.params, "chat", time.perf_counter() - start)
+        return ChatCompletionResponse(
+            id=completion_id("chatcmpl"),
+            model=self.model_name,
+            choices=[chat_choice(choice)],
+            usage=usage(prepared, len(result.token_ids)),
         )
-        return self._stream_chunks(assembler, out)
 
-    def _stream_chunks(self, assembler: _ChunkAssembler, out: queue.Queue):
-        yield from assembler.opening()
-        while (item := out.get()) is not _END:
-            if isinstance(item, GenerationError):
-                raise item
-            yield from assembler.add(item)
-        yield assembler.closing()
-        self._log(assembler.params, "stream", time.perf_counter() - assembler.start)
+    def stream_chat(self, request: ChatCompletionRequest) -> CancellableStream:
+        """Serve a streaming ``POST /v1/chat/completions`` request (as ``stream_completion``)."""
+        start = time.perf_counter()
+        prepared = self._prepare_chat(request)
+        chunk_id = completion_id()
 
-    def _piece(self, token_id: int) -> str:
-        return self.generator.tokenizer.detokenize([token_id])
+        def assembler(scores):
+            return ChunkAssembler(
+                prepared, self.generator.tokenizer, chunk_id, self.model_name, start, scores
+            )
+
+        return self.stream_prepared(prepared, assembler, ChatChunkConverter())
+
+    # -------------------------------------------------------------------------- tokenizer
+
+    def tokenizer_info(self) -> dict:
+        """``GET /tokenizer_info``: special tokens and the chat template."""
+        tokenizer = self.generator.tokenizer
+        special = {}
+        for name, attribute in (("eos_token", "eod"), ("bos_token", "bos")):
+            token_id = getattr(tokenizer, attribute, None)
+            special[name] = tokenizer.detokenize([token_id]) if token_id is not None else None
+        return {
+            **special,
+            "pad_token": None,
+            "chat_template": self.chat_template or getattr(self.generator, "chat_template", None),
+            "vocab_size": getattr(tokenizer, "vocab_size", None),
+            "model_max_length": self.generator.max_sequence_length,
+        }
+
+    def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """``POST /tokenize``: the ids the server runs for ``text`` (no special tokens)."""
+        return list(self.generator.tokenizer.tokenize(text))
+
+    def detokenize(self, ids: list[int]) -> str:
+        """``POST /detokenize``."""
+        vocab_size = getattr(self.generator.tokenizer, "vocab_size", None)
+        if vocab_size is not None and any(token >= vocab_size for token in ids):
+            raise RequestError(
+                "tokens", f"token ids must be below the vocabulary size {vocab_size}"
+            )
+        return self.generator.tokenizer.detokenize(ids)
 
     # ------------------------------------------------------------------------------ state
 
@@ -435,6 +462,8 @@ class GenerationService:
                 "pending": self._num_pending,
                 "served": self._num_served,
                 "failed": self._num_failed,
+                "cancelled": self._num_cancelled,
+                "refused_busy": self._num_refused,
             }
         return {
             "status": "ok",
@@ -442,7 +471,7 @@ class GenerationService:
             "num_layers": self.generator.num_layers,
             "exit_layers": list(self.generator.exit_depths),
             "max_sequence_length": self.generator.max_sequence_length,
-            "limits": dataclasses.asdict(self.limits),
+            "limits": {**vars(self.limits), "max_prompt_chars": self.limits.prompt_chars},
             "requests": counters,
         }
 
@@ -451,291 +480,59 @@ class GenerationService:
         self._executor.shutdown(wait=True)
 
 
-# ------------------------------------------------------------------------ response mapping
-
-
-def _completion_id() -> str:
-    return f"cmpl-{uuid.uuid4().hex}"
-
-
-def _openai_finish_reason(reason: EngineFinishReason) -> Literal["stop", "length"]:
-    return "length" if reason == "length" else "stop"
-
-
-def _usage(prepared: PreparedRequest, completion_tokens: int) -> CompletionUsage:
-    add_bos = int(prepared.params.add_bos)
-    prompt_tokens = sum(len(ids) + add_bos for ids in prepared.prompt_token_ids)
-    return CompletionUsage(
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        total_tokens=prompt_tokens + completion_tokens,
-    )
-
-
-def _text_offsets(segments: Sequence[str], start: int) -> list[int]:
-    offsets = []
-    for segment in segments:
-        offsets.append(start)
-        start += len(segment)
-    return offsets
-
-
-def _choice_logprobs(
-    result: PromptCompletion, params: GenerationRequest, start: int
-) -> CompletionLogprobs | None:
-    """OpenAI logprobs of the generated tokens (echoed prompt tokens are not scored)."""
-    if not params.return_logprobs:
-        return None
-    top = None
-    if params.num_top_logprobs > 0 and result.top_logprobs is not None:
-        top = [dict(alternatives) for alternatives in result.top_logprobs]
-    return CompletionLogprobs(
-        tokens=list(result.segments),
-        token_logprobs=list(result.logprobs or [None] * len(result.segments)),
-        top_logprobs=top,
-        text_offset=_text_offsets(result.segments, start),
-    )
-
-
-def stop_holdback(text: str, stop_strings: Sequence[str]) -> int:
-    """Characters at the end of ``text`` that could be the start of a stop string."""
-    longest = 0
-    for stop in stop_strings:
-        for length in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:length]):
-                longest = length
-                break
-    return longest
-
-
-class _ChunkAssembler:
-    """Turns stream items into completion chunks, releasing only text that stop strings keep."""
-
-    def __init__(self, prepared: PreparedRequest, chunk_id: str, model: str, start: float):
-        self.params = prepared.params
-        self.prepared = prepared
-        self.chunk_id = chunk_id
-        self.model = model
-        self.start = start
-        num_prompts = len(self.params.prompts)
-        self._raw = [""] * num_prompts  # all generated text so far
-        self._sent = [0] * num_prompts  # characters of generated text sent
-        self._prefix = [len(p) if self.params.echo_prompts else 0 for p in self.params.prompts]
-        self._done = [False] * num_prompts
-        self._completion_tokens = 0
-
-    def _chunk(self, choice: CompletionChoice) -> CompletionChunk:
-        return CompletionChunk(id=self.chunk_id, model=self.model, choices=[choice])
-
-    def opening(self) -> Iterator[CompletionChunk]:
-        if self.params.echo_prompts:
-            for index, prompt in enumerate(self.params.prompts):
-                yield self._chunk(CompletionChoice(index=index, text=prompt, exit_layers=[]))
-
-    def _releasable(self, index: int) -> int:
-        text, stops = self._raw[index], self.params.stop_strings
-        safe = len(text) - stop_holdback(text, stops)
-        hit = find_stop_string(text, stops, self._sent[index])
-        return safe if hit is None else min(safe, hit)
-
-    def add(self, item: StreamItem) -> Iterator[CompletionChunk]:
-        index = item.index
-        if self._done[index]:
-            raise GenerationError(f"generator streamed prompt {index} after its result")
-        sent = self._sent[index]
-        if isinstance(item, PromptCompletion):
-            self._done[index] = True
-            if not item.text.startswith(self._raw[index][:sent]):
-                logger.warning("prompt %d: final text disagrees with streamed text", index)
-            self._completion_tokens += len(item.token_ids)
-            yield self._chunk(
-                CompletionChoice(
-                    index=index,
-                    text=item.text[sent:],
-                    finish_reason=_openai_finish_reason(item.finish_reason),
-                    exit_layers=[],
-                )
-            )
-            return
-        self._raw[index] += item.text
-        release = max(sent, self._releasable(index))
-        self._sent[index] = release
-        logprobs = None
-        if self.params.return_logprobs:
-            logprobs = CompletionLogprobs(
-                tokens=[item.text],
-                token_logprobs=[item.logprob],
-                top_logprobs=[dict(item.top_logprobs or {})]
-                if self.params.num_top_logprobs > 0
-                else None,
-                text_offset=[self._prefix[index] + len(self._raw[index]) - len(item.text)],
-            )
-        yield self._chunk(
-            CompletionChoice(
-                index=index,
-                text=self._raw[index][sent:release],
-                logprobs=logprobs,
-                exit_layers=[item.exit_depth],
-            )
-        )
-
-    def closing(self) -> CompletionChunk:
-        if not all(self._done):
-            raise GenerationError("generator ended the stream before every prompt finished")
-        return CompletionChunk(
-            id=self.chunk_id,
-            model=self.model,
-            choices=[],
-            usage=_usage(self.prepared, self._completion_tokens),
-        )
-
-
-# --------------------------------------------------------------------------- fake generator
-
-
-def _default_script(prompt: str) -> str:
-    return f" [{prompt[::-1]}]"
-
-
-class FakeGenerator:
-    """A deterministic ``TextGenerator`` for tests and demos; no model involved.
-
-    Each prompt's continuation is ``script(prompt)`` repeated to ``max_new_tokens`` tokens (stop
-    strings apply as in the real engine, through ``StopChecker``). With early exit on, a token's
-    fake confidence at its k-th allowed exit is ``min(0.99, base + 0.15 k)`` with ``base`` a
-    function of the token id, and it takes the first allowed exit whose confidence reaches the
-    threshold, else the final head: threshold 0 always takes the first allowed exit, 1.0 never
-    exits. ``delay_s`` sleeps per step; ``fail_on`` raises after the first step when a prompt
-    contains that string. ``calls`` records every params; ``max_active`` the most overlapping
-    calls ever seen.
-    """
+class CancellableStream:
+    """The chunks of one streamed request; ``cancel()`` drops it if it has not started."""
 
     def __init__(
-        self,
-        tokenizer: Tokenizer | None = None,
-        *,
-        num_layers: int = 8,
-        exit_depths: Sequence[int] = (2, 4, 6),
-        script: Callable[[str], str] = _default_script,
-        delay_s: float = 0.0,
-        max_sequence_length: int | None = None,
-        fail_on: str | None = None,
-        decoding_methods: Sequence[str] = DECODING_METHODS,
+        self, service, future: Future, out: queue.Queue, assembler_fn, params, convert=None
     ) -> None:
-        if tokenizer is None:
-            from megatron.early_exit.data.tokenizers import ByteLevelTokenizer
+        self._service = service
+        self._convert = convert
+        self._future = future
+        self._out = out
+        self._assembler_fn = assembler_fn
+        self._params = params
+        self._iterator = self._chunks()
 
-            tokenizer = ByteLevelTokenizer()
-        self.tokenizer = tokenizer
-        self.num_layers = num_layers
-        self.exit_depths = tuple(exit_depths)
-        self.max_sequence_length = max_sequence_length
-        self.decoding_methods = tuple(decoding_methods)
-        self.script = script
-        self.delay_s = delay_s
-        self.fail_on = fail_on
-        self.calls: list[GenerationRequest] = []
-        self.active = 0
-        self.max_active = 0
-        self._lock = threading.Lock()
+    def __iter__(self) -> Iterator[CompletionChunk]:
+        return self
 
-    def exit_depth_for(self, token_id: int, params: GenerationRequest) -> int:
-        """The fake exit decision for one token."""
-        policy = params.early_exit
-        if policy is None:
-            return self.num_layers
-        base = (token_id * 37 % 100) / 100
-        allowed = [layer for layer in self.exit_depths if policy.allows(layer)]
-        for k, layer in enumerate(allowed):
-            if min(0.99, base + 0.15 * k) >= policy.threshold:
-                return layer
-        return self.num_layers
+    def __next__(self) -> CompletionChunk:
+        chunk = next(self._iterator)
+        return self._convert(chunk) if self._convert is not None else chunk
 
-    def _continuation(self, prompt: str, num_tokens: int) -> list[int]:
-        ids = self.tokenizer.tokenize(self.script(prompt)) or [0]
-        return [ids[i % len(ids)] for i in range(num_tokens)]
+    def has_output(self) -> bool:
+        """Whether the job has put anything out yet (it has started, or failed or ended)."""
+        return not self._out.empty() or self._future.done()
 
-    def generate(self, params: GenerationRequest) -> list[PromptCompletion]:
-        return results_from_stream(self.stream(params), len(params.prompts))
+    def cancel(self) -> bool:
+        """Drop the request if it has not started; True if it was dropped."""
+        dropped = self._future.cancel()
+        if dropped:
+            self._service._note_cancelled()
+            self._out.put(_END)
+        return dropped
 
-    def stream(self, params: GenerationRequest) -> Iterator[StreamItem]:
-        with self._lock:
-            self.calls.append(params)
-            self.active += 1
-            self.max_active = max(self.max_active, self.active)
-        try:
-            yield from self._stream(params)
-        finally:
-            with self._lock:
-                self.active -= 1
+    def _get(self):
+        item = self._out.get()
+        if isinstance(item, GenerationError):
+            raise item
+        return item
 
-    def _stream(self, params: GenerationRequest) -> Iterator[StreamItem]:
-        num_prompts = len(params.prompts)
-        planned = [self._continuation(p, params.max_new_tokens) for p in params.prompts]
-        checker = StopChecker(num_prompts, stop_strings=params.stop_strings)
-        rows = [_FakeRow() for _ in range(num_prompts)]
-        for step in range(params.max_new_tokens):
-            if self.delay_s:
-                time.sleep(self.delay_s)
-            texts = []
-            for index, row in enumerate(rows):
-                if not checker.finished[index]:
-                    yield row.add(index, planned[index][step], self, params)
-                texts.append(self.tokenizer.detokenize(row.token_ids))
-            new_tokens = torch.tensor([plan[step] for plan in planned], dtype=torch.long)
-            finished_before = checker.finished.clone()
-            finished = checker.update(new_tokens, texts)
-            if step == 0 and self.fail_on and any(self.fail_on in p for p in params.prompts):
-                raise RuntimeError(f"fake failure on a prompt containing {self.fail_on!r}")
-            for index in torch.nonzero(finished & ~finished_before).flatten().tolist():
-                yield rows[index].result(index, texts[index], checker, "stop")
-            if bool(finished.all()):
-                return
-        for index, row in enumerate(rows):
-            if not checker.finished[index]:
-                text = self.tokenizer.detokenize(row.token_ids)
-                yield row.result(index, text, checker, "length")
+    def _chunks(self) -> Iterator[CompletionChunk]:
+        first = self._get()
+        if first is _END:
+            if self._future.cancelled():
+                raise CancelledError("the request was cancelled before it started")
+            raise GenerationError("the generation ended without output")
+        _, scores = first
+        assembler = self._assembler_fn(scores)
+        yield from assembler.opening()
+        while (item := self._get()) is not _END:
+            yield from assembler.add(item)
+        yield assembler.closing()
+        self._service._log(self._params, "stream", time.perf_counter() - assembler.start)
 
 
-class _FakeRow:
-    """One prompt's generated tokens inside ``FakeGenerator``."""
-
-    def __init__(self) -> None:
-        self.token_ids: list[int] = []
-        self.events: list[TokenEvent] = []
-        self.text = ""
-
-    def add(self, index: int, token_id: int, fake: FakeGenerator, params) -> TokenEvent:
-        self.token_ids.append(token_id)
-        text = fake.tokenizer.detokenize(self.token_ids)
-        piece, self.text = text[len(self.text) :], text
-        logprob = -((token_id % 10) / 10)
-        event = TokenEvent(
-            index=index,
-            token_id=token_id,
-            text=piece,
-            exit_depth=fake.exit_depth_for(token_id, params),
-            logprob=logprob if params.return_logprobs else None,
-            top_logprobs={piece: logprob} if params.num_top_logprobs else None,
-        )
-        self.events.append(event)
-        return event
-
-    def result(self, index: int, text: str, checker: StopChecker, reason) -> PromptCompletion:
-        kept = self.events
-        if reason == "stop":
-            reason = checker.reason[index]
-            text = text[: checker.truncate_at[index]]
-            kept = kept[: checker.num_tokens[index]]
-        with_logprobs = bool(kept) and kept[0].logprob is not None
-        with_top = bool(kept) and kept[0].top_logprobs is not None
-        return PromptCompletion(
-            index=index,
-            text=text,
-            token_ids=tuple(event.token_id for event in kept),
-            segments=tuple(event.text for event in kept),
-            exit_depths=tuple(event.exit_depth for event in kept),
-            logprobs=tuple(event.logprob for event in kept) if with_logprobs else None,
-            top_logprobs=tuple(event.top_logprobs for event in kept) if with_top else None,
-            finish_reason=reason,
-        )
+def _empty_completion(index: int) -> PromptCompletion:
+    return PromptCompletion(index, "", (), (), (), finish_reason="length")

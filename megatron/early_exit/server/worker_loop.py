@@ -24,19 +24,21 @@ from typing import Literal, TypeVar
 
 import torch.distributed as dist
 
-from megatron.early_exit.server.protocol import GenerationRequest, ServerLimits
-from megatron.early_exit.server.service import (
-    GenerationService,
+from megatron.early_exit.server.generator import (
     PromptCompletion,
+    PromptScores,
     StreamItem,
     TextGenerator,
 )
+from megatron.early_exit.server.protocol import GenerationRequest, ServerLimits
+from megatron.early_exit.server.service import GenerationService
 
 logger = logging.getLogger(__name__)
 
-CommandKind = Literal["generate", "stream", "stop"]
+CommandKind = Literal["generate", "stream", "score", "stop"]
 GENERATE: CommandKind = "generate"
 STREAM: CommandKind = "stream"
+SCORE: CommandKind = "score"
 STOP: CommandKind = "stop"
 T = TypeVar("T")
 
@@ -49,7 +51,7 @@ class Command:
     params: GenerationRequest | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in (GENERATE, STREAM, STOP):
+        if self.kind not in (GENERATE, STREAM, SCORE, STOP):
             raise ValueError(f"unknown command kind {self.kind!r}")
         if (self.kind == STOP) != (self.params is None):
             raise ValueError("a stop command takes no params; generate and stream need params")
@@ -97,6 +99,24 @@ class BroadcastingGenerator:
     def decoding_methods(self) -> tuple[str, ...]:
         return self.local.decoding_methods
 
+    # Optional capabilities, forwarded so the service refuses what the model cannot do with a
+    # 400 (not a 500 from the engine, after the broadcast).
+    @property
+    def confidence_measures(self) -> tuple[str, ...] | None:
+        return getattr(self.local, "confidence_measures", None)
+
+    @property
+    def can_score(self) -> bool:
+        return getattr(self.local, "can_score", False)
+
+    @property
+    def reports_exit_max_probs(self) -> bool:
+        return getattr(self.local, "reports_exit_max_probs", False)
+
+    @property
+    def chat_template(self) -> str | None:
+        return getattr(self.local, "chat_template", None)
+
     def _send(self, command: Command) -> None:
         if self.stopped:
             raise RuntimeError("the worker ranks were already stopped")
@@ -110,6 +130,10 @@ class BroadcastingGenerator:
         # Broadcast eagerly (not at the first next()) so the workers start with rank 0.
         self._send(Command(STREAM, params))
         return iter(self.local.stream(params))
+
+    def score(self, params: GenerationRequest) -> list[PromptScores]:
+        self._send(Command(SCORE, params))
+        return self.local.score(params)
 
     def stop(self) -> None:
         """Tell the other ranks to leave ``worker_loop`` (idempotent)."""
@@ -133,6 +157,8 @@ def worker_loop(generator: TextGenerator, group=None, src: int = 0) -> int:
         try:
             if command.kind == GENERATE:
                 generator.generate(command.params)
+            elif command.kind == SCORE:
+                generator.score(command.params)
             else:
                 for _ in generator.stream(command.params):
                     pass
@@ -147,6 +173,7 @@ def run_ranks(
     *,
     limits: ServerLimits | None = None,
     model_name: str = "ee-llm",
+    chat_template: str | None = None,
 ) -> T | int:
     """Serve on group rank 0, looping on ``worker_loop`` on the other ranks.
 
@@ -159,7 +186,7 @@ def run_ranks(
     if dist.get_rank(group) != 0:
         return worker_loop(generator, group)
     broadcasting = BroadcastingGenerator(generator, group)
-    service = GenerationService(broadcasting, limits, model_name)
+    service = GenerationService(broadcasting, limits, model_name, chat_template)
     try:
         return serve_fn(service)
     finally:
