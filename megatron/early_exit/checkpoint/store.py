@@ -73,6 +73,7 @@ from megatron.early_exit.checkpoint.sharded import (
     untouched_backbone,
     widen_layer_axis,
 )
+from megatron.early_exit.checkpoint.writer_processes import tie_to_this_process
 from megatron.early_exit.model.builder import unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -171,14 +172,49 @@ def save_checkpoint(
         )
     if partial is not None:  # after the optimizer's view of the model: these are no parameters
         state["model"] = {**model_sd, **untouched_backbone(partial, model, model_sd)}
+    tie_to_this_process()  # megatron-core's writer processes die with this one
     dist_checkpointing.save(state, str(staging), content_metadata=dict(_SHARDING_METADATA))
     _on_rank_zero(_publish, root, staging, final, iteration)
     return final
 
 
+def sweep_stale(save_dir: str | os.PathLike) -> list[str]:
+    """Clean what crashed saves left in ``save_dir`` (rank 0 of a run, before it saves); returns
+    what it did, one line each.
+
+    * ``iter_N.incomplete``: a save that did not finish; removed.
+    * ``iter_N.replaced``: the old copy of an iteration that was being saved again. If
+      ``iter_N`` is there, the new copy was published and the old one (perhaps half deleted) is
+      removed; if not, the crash came between the two renames and the old copy is put back.
+    """
+    root = Path(save_dir)
+    if not root.is_dir():
+        return []
+    done = []
+    for path in sorted(root.iterdir()):
+        if not path.is_dir():
+            continue
+        if path.name.endswith(INCOMPLETE_SUFFIX):
+            shutil.rmtree(path)
+            done.append(f"removed the unfinished save {path.name}")
+        elif path.name.endswith(_REPLACED_SUFFIX):
+            final = path.with_name(path.name[: -len(_REPLACED_SUFFIX)])
+            if final.exists():
+                shutil.rmtree(path)
+                done.append(f"removed {path.name}, the old copy of the published {final.name}")
+            else:
+                os.rename(path, final)
+                done.append(f"restored {final.name} from {path.name} (a re-save stopped)")
+    if done:
+        _fsync(root)
+    for line in done:
+        logger.warning("%s: %s", root, line)
+    return done
+
+
 def _prepare_staging_dir(root: Path, staging: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(staging, ignore_errors=True)  # left by a save that crashed
+    sweep_stale(root)  # a save that crashed left these
     staging.mkdir()
 
 

@@ -23,7 +23,7 @@ from megatron.core import parallel_state
 from megatron.early_exit import platform
 from megatron.early_exit.checkpoint.record import CheckpointError, config_from_checkpoint
 from megatron.early_exit.checkpoint.sharded import PartialBackbone
-from megatron.early_exit.checkpoint.store import TRACKER_FILENAME, read_checkpoint_info
+from megatron.early_exit.checkpoint.store import TRACKER_FILENAME, read_checkpoint_info, sweep_stale
 from megatron.early_exit.config import EarlyExitTransformerConfig
 from megatron.early_exit.data.datasets import build_gpt_datasets
 from megatron.early_exit.data.default_corpus import default_training_data
@@ -216,6 +216,8 @@ def main(argv: list[str] | None = None) -> dict:
         embedding_stages=tied_exit_stages(config),
         timeout_s=args.distributed_timeout_minutes * 60.0,
     )
+    if args.save and torch.distributed.get_rank() == 0:
+        sweep_stale(args.save)  # what a crashed save of an earlier run left there
     settings = arguments.run_settings(args, parallel_state.get_data_parallel_world_size())
     num_fill = _num_fill(config, settings)
     data = build_data(args, tokenizer, settings, num_fill, shape.seq_length, _resume_position(args))
