@@ -228,24 +228,15 @@ class LeanKV:
         self.max_sequence_length = max_sequence_length
         self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def write(self, layer_number: int, start: int, key: torch.Tensor, value: torch.Tensor):
-        """Store ``key``/``value`` ``[b, g, n, hn]`` at ``start``; returns the filled views."""
+    def slot(self, layer_number: int, batch_size: int, groups: int, head_dim: int, like):
+        """The ``(K, V)`` buffers of a layer, ``[b, g, max_seq, hn]``, allocated on first use."""
         if layer_number not in self.buffers:
-            b, g, _, hn = key.shape
-            shape = (b, g, self.max_sequence_length, hn)
+            shape = (batch_size, groups, self.max_sequence_length, head_dim)
             self.buffers[layer_number] = (
-                torch.zeros(shape, dtype=key.dtype, device=key.device),
-                torch.zeros(shape, dtype=value.dtype, device=value.device),
+                torch.zeros(shape, dtype=like.dtype, device=like.device),
+                torch.zeros(shape, dtype=like.dtype, device=like.device),
             )
-        keys, values = self.buffers[layer_number]
-        end = start + key.shape[2]
-        if end > self.max_sequence_length:
-            raise ValueError(
-                f"the KV cache holds {self.max_sequence_length} positions, a step needs {end}"
-            )
-        keys[:, :, start:end] = key
-        values[:, :, start:end] = value
-        return keys[:, :, :end], values[:, :, :end]
+        return self.buffers[layer_number]
 
 
 # ----------------------------------------------------------------------------- one layer
@@ -276,37 +267,61 @@ class Layer:
         self, hidden: torch.Tensor, kv: LeanKV, start: int, tables: StepTables
     ) -> torch.Tensor:
         """``hidden[n, b, h]`` at slots ``[start, start + n)`` -> the layer's output."""
-        attention = self.attention(self.input_norm(hidden), kv, start, tables)
-        hidden = _add_residual(hidden, (attention, self.proj_bias))
-        return _add_residual(hidden, self.mlp(self.pre_mlp_norm(hidden)))
+        n, b = hidden.shape[:2]
+        keys, values = kv.slot(self.layer_number, b, self.num_groups, self.head_dim, hidden)
+        if start + n > kv.max_sequence_length:
+            raise ValueError(
+                f"the KV cache holds {kv.max_sequence_length} positions, a step needs {start + n}"
+            )
+        compiled = _compiled_step is not None and self.tp.size == 1
+        step = _compiled_step if compiled else layer_step
+        return step(self, hidden, keys, values, start, tables.rope(start, start + n),
+                    tables.mask(start, n))  # fmt: skip
 
-    def attention(self, x, kv: LeanKV, start: int, tables: StepTables) -> torch.Tensor:
-        n, b = x.shape[:2]
-        g, hn = self.num_groups, self.head_dim
-        r = self.num_heads // g
-        mixed = F.linear(x, self.qkv_weight, self.qkv_bias).view(n, b, g, (r + 2) * hn)
-        query, key, value = torch.split(mixed, [r * hn, hn, hn], dim=3)
-        query = query.reshape(n, b, g * r, hn).permute(1, 2, 0, 3)  # [b, np, n, hn]
-        key = key.permute(1, 2, 0, 3)  # [b, g, n, hn]
-        value = value.permute(1, 2, 0, 3)
-        if self.q_norm is not None:
-            query = self.q_norm(query)
-        if self.k_norm is not None:
-            key = self.k_norm(key)
-        rope = tables.rope(start, start + n)
-        if rope is not None:
-            query, key = apply_rope(query, *rope), apply_rope(key, *rope)
-        keys, values = kv.write(self.layer_number, start, key, value)
-        mask = tables.mask(start, n)
-        if r > 1:  # GQA: a group's r query heads become r * n queries against its keys
-            query = query.reshape(b, g, r * n, hn)
-            if mask is not None:
-                mask = mask.unsqueeze(2).expand(-1, -1, r, -1, -1).reshape(b, 1, r * n, -1)
-        context = F.scaled_dot_product_attention(
-            query, keys, values, attn_mask=mask, scale=self.scale
-        )  # [b, g, r * n, hn] = [b, np, n, hn]
-        context = context.reshape(b, g * r, n, hn).permute(2, 0, 1, 3).reshape(n, b, g * r * hn)
-        return self.tp.all_reduce(F.linear(context, self.proj_weight))
+
+def layer_step(layer: Layer, hidden, keys, values, start: int, rope, mask) -> torch.Tensor:
+    """One layer over ``hidden[n, b, h]`` at ``start``: writes K/V ``[b, g, start:start+n, hn]``
+    into the slot buffers ``keys``/``values`` and attends over ``[0, start + n)``."""
+    x = layer.input_norm(hidden)
+    n, b = x.shape[:2]
+    g, hn = layer.num_groups, layer.head_dim
+    r = layer.num_heads // g
+    mixed = F.linear(x, layer.qkv_weight, layer.qkv_bias).view(n, b, g, (r + 2) * hn)
+    query, key, value = torch.split(mixed, [r * hn, hn, hn], dim=3)
+    query = query.reshape(n, b, g * r, hn).permute(1, 2, 0, 3)  # [b, np, n, hn]
+    key = key.permute(1, 2, 0, 3)  # [b, g, n, hn]
+    value = value.permute(1, 2, 0, 3)
+    if layer.q_norm is not None:
+        query = layer.q_norm(query)
+    if layer.k_norm is not None:
+        key = layer.k_norm(key)
+    if rope is not None:
+        query, key = apply_rope(query, *rope), apply_rope(key, *rope)
+    end = start + n
+    keys[:, :, start:end] = key
+    values[:, :, start:end] = value
+    if r > 1:  # GQA: a group's r query heads become r * n queries against its keys
+        query = query.reshape(b, g, r * n, hn)
+        if mask is not None:
+            mask = mask.unsqueeze(2).expand(-1, -1, r, -1, -1).reshape(b, 1, r * n, -1)
+    context = F.scaled_dot_product_attention(
+        query, keys[:, :, :end], values[:, :, :end], attn_mask=mask, scale=layer.scale
+    )  # [b, g, r * n, hn] = [b, np, n, hn]
+    context = context.reshape(b, g * r, n, hn).permute(2, 0, 1, 3).reshape(n, b, g * r * hn)
+    attention = layer.tp.all_reduce(F.linear(context, layer.proj_weight))
+    hidden = _add_residual(hidden, (attention, layer.proj_bias))
+    return _add_residual(hidden, layer.mlp(layer.pre_mlp_norm(hidden)))
+
+
+_compiled_step = None
+
+
+def set_compile(enabled: bool) -> None:
+    """Run every layer through ``torch.compile(layer_step, dynamic=True)`` (inductor; TP=1
+    only: the all-reduce is not traced) or, ``False``, through the plain function. The first
+    calls pay the compilation (the benchmark reports it as first-call time)."""
+    global _compiled_step
+    _compiled_step = torch.compile(layer_step, dynamic=True) if enabled else None
 
 
 def _optional_norm(module, config) -> Norm | None:

@@ -16,10 +16,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from megatron.early_exit.inference.decide import CONFIDENCE_MEASURES, LOGIT_MEASURES, ExitPolicy
-from megatron.early_exit.inference.generate import GenerationParams, generate
+from megatron.early_exit.inference.generate import GenerationParams, generate, generate_stream
 from megatron.early_exit.model.builder import unwrap_model
 from megatron.early_exit.server.protocol import GenerationRequest
-from megatron.early_exit.server.service import PromptCompletion, StreamItem, stream_from_results
+from megatron.early_exit.server.service import PromptCompletion, StreamItem, TokenEvent
 
 
 class EngineGenerator:
@@ -69,7 +69,41 @@ class EngineGenerator:
         return [self._result(i, r, params) for i, r in enumerate(results)]
 
     def stream(self, params: GenerationRequest) -> Iterator[StreamItem]:
-        yield from stream_from_results(self.generate(params))
+        """Token events as the engine decodes them (each step's kept tokens, prompt order within
+        a step), then one ``PromptCompletion`` per prompt."""
+        prompts = [self._prompt_ids(text, params.add_bos) for text in params.prompts]
+        if params.max_new_tokens == 0:
+            yield from (PromptCompletion(i, "", (), (), ()) for i in range(len(prompts)))
+            return
+        texts = [""] * len(prompts)
+        tokens: list[list[int]] = [[] for _ in prompts]
+        for update in generate_stream(self.model, prompts, self._engine_params(params)):
+            if update.results is not None:
+                for index, result in enumerate(update.results):
+                    yield self._result(index, result, params)
+                return
+            for index, new_tokens in enumerate(update.tokens):
+                for position, token_id in enumerate(new_tokens):
+                    tokens[index].append(token_id)
+                    text = self._tokenizer.detokenize(tokens[index])
+                    piece, texts[index] = text[len(texts[index]) :], text
+                    top = update.top_logprobs[index][position] if params.num_top_logprobs else None
+                    yield TokenEvent(
+                        index=index,
+                        token_id=token_id,
+                        text=piece,
+                        exit_depth=update.exit_depths[index][position],
+                        logprob=update.logprobs[index][position]
+                        if params.return_logprobs
+                        else None,
+                        top_logprobs=self._alternatives(top),
+                    )
+
+    def _alternatives(self, top) -> dict[str, float] | None:
+        """``[(token_id, logprob), ...]`` -> ``{token text: logprob}`` (the API's form)."""
+        if top is None:
+            return None
+        return {self._tokenizer.detokenize([token_id]): logprob for token_id, logprob in top}
 
     def _prompt_ids(self, text: str, add_bos: bool) -> list[int]:
         ids = self._tokenizer.tokenize(text)
@@ -95,7 +129,12 @@ class EngineGenerator:
             detokenize=self._tokenizer.detokenize,
             pad_token_id=self._tokenizer.eod,
             seed=params.random_seed if params.random_seed is not None else 1234,
+            top_logprobs=params.num_top_logprobs if not self._pipelined else 0,
+            exit_max_probs=params.print_max_prob and self._max_probs_available(params, method),
         )
+
+    def _max_probs_available(self, params: GenerationRequest, method: str) -> bool:
+        return not self._pipelined and (params.early_exit is None or method == "recompute")
 
     def _result(self, index: int, result, params: GenerationRequest) -> PromptCompletion:
         pieces, previous = [], ""
@@ -111,5 +150,10 @@ class EngineGenerator:
             segments=tuple(pieces),
             exit_depths=tuple(result.exit_depths),
             logprobs=tuple(result.logprobs) if params.return_logprobs else None,
+            top_logprobs=(
+                tuple(self._alternatives(top) for top in result.top_logprobs)
+                if params.num_top_logprobs and result.top_logprobs is not None
+                else None
+            ),
             finish_reason=result.finish_reason,
         )
