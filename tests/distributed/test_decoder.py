@@ -148,6 +148,32 @@ def _server_stream_checks(model) -> dict:
     }
 
 
+def _context_limit_checks() -> dict:
+    """Issue 15, defect 7: speculation near the end of a learned-position context."""
+    from megatron.early_exit.inference.generate import generate
+    from megatron.early_exit.model.builder import build_early_exit_model
+
+    context = 24
+    config = tiny_config("gpt", init_method_std=INIT_STD)
+    model = build_early_exit_model(config, VOCAB, context, seed=11).eval()
+    prompts = [list(range(1, 11)), [7, 8, 9]]
+    new_tokens = context - len(prompts[0])  # fills the context exactly
+    full = generate(model, prompts, _params(early_exit=False, max_new_tokens=new_tokens))
+    out = {}
+    for k in (1, 4, 9):
+        spec = generate(
+            model, prompts, _params(method="speculative", num_draft_tokens=k,
+                                    max_new_tokens=new_tokens),
+        )  # fmt: skip
+        out[f"k{k}_equals_full"] = [r.tokens for r in spec] == [r.tokens for r in full]
+    try:  # the last new token is never fed, so new_tokens + 1 still fits; + 2 does not
+        generate(model, prompts, _params(method="speculative", max_new_tokens=new_tokens + 2))
+        out["too_long"] = "no error"
+    except ValueError as error:
+        out["too_long"] = str(error)
+    return out
+
+
 def decoder_worker(rank: int, world_size: int) -> dict:
     out = {}
     prompts = _prompts(seed=3, count=4)
@@ -163,6 +189,7 @@ def decoder_worker(rank: int, world_size: int) -> dict:
 
     byte_model = build_early_exit_model(tiny_config("gpt"), 512, 64, seed=3).eval()
     out.update({f"server/{k}": v for k, v in _server_stream_checks(byte_model).items()})
+    out.update({f"context/{k}": v for k, v in _context_limit_checks().items()})
     return out
 
 
@@ -204,3 +231,9 @@ def test_server_streams_first_token_after_prefill_only(results):
     # two alternatives per token; byte tokens that are not valid UTF-8 alone share a text, so
     # the API's {text: logprob} may hold one
     assert 2 in results["server/top_sizes"] and results["server/top_sizes"] <= {1, 2}
+
+
+def test_speculation_near_the_context_end_drafts_less_and_refuses_beyond(results):
+    for k in (1, 4, 9):
+        assert results[f"context/k{k}_equals_full"]
+    assert "exceeds the model's 24-position context" in results["context/too_long"]

@@ -127,6 +127,10 @@ class Engine:
         ``final_projections``, ``confidence_heads`` (the benchmark's cost accounting)."""
         self.exits = {e.depth: e for e in model.local_exit_configs}
         """This stage's exits by depth."""
+        self.max_positions = None
+        """Positions the model can embed (its learned position table), None for RoPE."""
+        if getattr(model, "position_embedding_type", "") == "learned_absolute":
+            self.max_positions = model.max_sequence_length
         self.lean = LeanModel(model)
         self.device = next(model.parameters()).device
 

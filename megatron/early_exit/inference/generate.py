@@ -198,6 +198,13 @@ def _check_layout(model, params: GenerationParams) -> None:
 def _initial_state(engine: Engine, prompts_token_ids, params: GenerationParams):
     """``(DecodeState, KVCache)`` of a new request: padded prompts, cache, per-row samplers."""
     tokens, pad_lengths = left_pad(prompts_token_ids, params.pad_token_id)
+    # The last generated token is never fed: positions up to width + max_new_tokens - 2 are.
+    needed = tokens.shape[1] + params.max_new_tokens - 1
+    if engine.max_positions is not None and needed > engine.max_positions:
+        raise ValueError(
+            f"the longest prompt has {tokens.shape[1]} tokens; with {params.max_new_tokens} new "
+            f"tokens it exceeds the model's {engine.max_positions}-position context"
+        )
     max_length = tokens.shape[1] + params.max_new_tokens + params.num_draft_tokens + 1
     cache = engine.new_cache(pad_lengths, max_length)
     seeds = [params.seed + row for row in range(len(prompts_token_ids))]

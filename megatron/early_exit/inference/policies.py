@@ -298,6 +298,10 @@ class SelfSpeculative(KVFillPolicy):
     among the active rows, plus one token), so the batch shares one cache length. Truncating a
     row's accepted prefix early is still lossless: each kept token was accepted (or drawn from
     the target) given exactly the prefix before it.
+
+    Near the end of a learned-position model's context (``Engine.max_positions``) a round drafts
+    only as many tokens as positions remain (none: one plain full-depth step), so drafts never
+    run past the position table.
     """
 
     def __init__(self, draft_depth: int, num_draft_tokens: int):
@@ -307,17 +311,19 @@ class SelfSpeculative(KVFillPolicy):
         self.num_draft_tokens = num_draft_tokens
 
     def step(self, engine: Engine, cache: KVCache, state: DecodeState) -> Emitted:
-        if state.inputs.shape[1] > 1:  # prefill: one full-depth step (fills the draft exit too)
+        num_drafts = self.num_draft_tokens
+        if engine.max_positions is not None:  # slots start..start + k are fed this round
+            num_drafts = min(num_drafts, engine.max_positions - 1 - cache.length)
+        if state.inputs.shape[1] > 1 or num_drafts < 1:
+            # prefill, or no room to draft: one full-depth step (fills the draft exit too)
             out = engine.forward(cache, state.inputs, (self.draft_depth,))
             choices = _Choices(state.active.shape[0], engine.num_layers)
             draw = state.sampler.sample(out.final_logits[:, -1], state.active)
             choices.take(state.active, draw, engine.num_layers, everything=True)
             return choices.emitted()
         start = cache.length
-        drafts, draft_probs = self._draft(engine, cache, state)
-        out = engine.forward(
-            cache, drafts[:, -1:], (self.draft_depth,), num_logits=self.num_draft_tokens + 1
-        )
+        drafts, draft_probs = self._draft(engine, cache, state, num_drafts)
+        out = engine.forward(cache, drafts[:, -1:], (self.draft_depth,), num_logits=num_drafts + 1)
         num_accepted, next_tokens = self._verify(drafts, draft_probs, out.final_logits, state)
         keep = int(num_accepted[state.active].min()) if state.active.any() else 0
         emitted = torch.cat([drafts, next_tokens.unsqueeze(1)], dim=1)[:, : keep + 1].clone()
@@ -335,7 +341,7 @@ class SelfSpeculative(KVFillPolicy):
         depths = torch.full_like(emitted, engine.num_layers)
         return Emitted(emitted, logprobs, depths, top_ids, top_logprobs)
 
-    def _draft(self, engine: Engine, cache: KVCache, state: DecodeState):
+    def _draft(self, engine: Engine, cache: KVCache, state: DecodeState, num_drafts: int):
         """Feed the last token and ``k - 1`` drafts up to the draft exit: drafts ``[b, k]``."""
         drafts, draft_probs, inputs = [], [], state.inputs
         captured: list[torch.Tensor] = []
@@ -344,7 +350,7 @@ class SelfSpeculative(KVFillPolicy):
             captured.append(view.logits()[:, -1])
             return True
 
-        for _ in range(self.num_draft_tokens):
+        for _ in range(num_drafts):
             engine.forward(cache, inputs, (self.draft_depth,), stop_here)
             logits = captured.pop()
             tokens = state.sampler.sample(logits, torch.ones_like(state.active)).tokens

@@ -43,6 +43,8 @@ class EngineGenerator:
     def decoding_methods(self) -> tuple[str, ...]:
         if self._pipelined:
             return ("auto", "pipelined")
+        if not self.exit_depths:  # nothing to draft with or exit at: the service answers 400
+            return ("auto",)
         return ("auto", "recompute", "speculative")
 
     @property
