@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron.early_exit.inference.kv_cache import KVCache
-from megatron.early_exit.inference.lean import LeanModel, StepTables
+from megatron.early_exit.inference.lean import LeanModel, StepTables, probed
 
 
 class ExitView:
@@ -58,8 +58,10 @@ class ExitView:
     def logits(self) -> torch.Tensor:
         """``[b, m, V]`` float32 logits, gathered over TP (the full vocabulary projection)."""
         if self._logits is None:
-            lean = self._engine.lean
-            self._logits = lean.project(self.states, lean.exit_weights[self.depth])
+            lean, states = self._engine.lean, self.states
+            weight = lean.exit_weights[self.depth]
+            name = f"exit{self.depth}/output_layer"
+            self._logits = probed(name, states.shape[0], lean.project, states, weight)
             self._engine.counts["exit_projections"] += 1
         return self._logits
 
@@ -76,7 +78,10 @@ class ExitView:
                 "--exit-confidence-head), so measure 'learned' cannot be used"
             )
         if self._confidence is None:
-            self._confidence = self.head.confidence(self.states).transpose(0, 1).float()
+            states = self.states
+            name = f"exit{self.depth}/confidence_head"
+            confidence = probed(name, states.shape[0], self.head.confidence, states)
+            self._confidence = confidence.transpose(0, 1).float()
             self._engine.counts["confidence_heads"] += 1
         return self._confidence
 
@@ -166,7 +171,7 @@ class Engine:
         cache.tables.new_step()
         if self.is_first_stage:
             positions = cache.tables.positions[:, start : start + tokens.shape[1]]
-            hidden = self.lean.embed(tokens, positions)  # [n, b, h]
+            hidden = probed("embedding", tokens.shape[1], self.lean.embed, tokens, positions)
         elif hidden is None:
             raise ValueError("a later pipeline stage is fed hidden states, not tokens")
         depths = sorted(exit_depths)
@@ -174,7 +179,9 @@ class Engine:
             if depth > self.first_depth:
                 start, hidden = self._join_pending(cache, depth, start, hidden)
                 layer = self.lean.layers[depth - self.first_depth - 1]
-                hidden = layer(hidden, cache.kv, start, cache.tables)
+                hidden = probed(
+                    "layer", hidden.shape[0], layer, hidden, cache.kv, start, cache.tables
+                )
                 self.counts["layer_positions"] += hidden.shape[0]
             if depth in depths:
                 view = self._exit_view(cache, depth, start, hidden, num_logits)
@@ -201,14 +208,21 @@ class Engine:
         layer runs now on every position (it writes the exit's KV slot); other transforms wait
         until the caller asks."""
         transform = self.lean.exit_transforms[depth]
+        name = f"exit{depth}/{transform.structure}"
         if transform.layer is not None:
-            states = transform(transform.layer(hidden, cache.kv, start, cache.tables)[-num_logits:])
+            args = (hidden, cache.kv, start, cache.tables)
+            out = probed(f"exit{depth}/layer", hidden.shape[0], transform.layer, *args)
+            states = probed(name, num_logits, transform, out[-num_logits:])
             return ExitView(self, depth, lambda: states)
-        return ExitView(self, depth, lambda: transform(hidden[-num_logits:]))
+        last = hidden[-num_logits:]
+        return ExitView(self, depth, lambda: probed(name, last.shape[0], transform, last))
 
     def _final_logits(self, hidden: torch.Tensor, num_logits: int) -> torch.Tensor:
         states = hidden[-num_logits:]
+        width = states.shape[0]
         if self.lean.final_norm is not None:
-            states = self.lean.final_norm(states)
+            states = probed("final/norm", width, self.lean.final_norm, states)
         self.counts["final_projections"] += 1
-        return self.lean.project(states, self.lean.final_weight)
+        return probed(
+            "final/output_layer", width, self.lean.project, states, self.lean.final_weight
+        )

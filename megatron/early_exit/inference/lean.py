@@ -35,6 +35,27 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+# ----------------------------------------------------------------------------- profiling probe
+
+_probe = None
+
+
+def set_probe(probe) -> None:
+    """Install ``probe(name, width) -> context manager`` around every timed part of a step
+    (``embedding``, ``layer``, ``exit<d>/<part>``, ``final/<part>``; ``width`` = positions per
+    row), or remove it (None). The generation benchmark's profiler uses it."""
+    global _probe
+    _probe = probe
+
+
+def probed(name: str, width: int, fn, *args):
+    """``fn(*args)``, inside the probe when one is installed."""
+    if _probe is None:
+        return fn(*args)
+    with _probe(name, width):
+        return fn(*args)
+
+
 # ----------------------------------------------------------------------------- norms and linears
 
 
@@ -273,7 +294,7 @@ class Layer:
             raise ValueError(
                 f"the KV cache holds {kv.max_sequence_length} positions, a step needs {start + n}"
             )
-        compiled = _compiled_step is not None and self.tp.size == 1
+        compiled = _use_compiled and self.tp.size == 1
         step = _compiled_step if compiled else layer_step
         return step(self, hidden, keys, values, start, tables.rope(start, start + n),
                     tables.mask(start, n))  # fmt: skip
@@ -314,14 +335,18 @@ def layer_step(layer: Layer, hidden, keys, values, start: int, rope, mask) -> to
 
 
 _compiled_step = None
+_use_compiled = False
 
 
 def set_compile(enabled: bool) -> None:
     """Run every layer through ``torch.compile(layer_step, dynamic=True)`` (inductor; TP=1
     only: the all-reduce is not traced) or, ``False``, through the plain function. The first
-    calls pay the compilation (the benchmark reports it as first-call time)."""
-    global _compiled_step
-    _compiled_step = torch.compile(layer_step, dynamic=True) if enabled else None
+    calls pay the compilation (the benchmark reports it as first-call time); the compiled
+    function is kept, so switching back and forth does not compile again."""
+    global _compiled_step, _use_compiled
+    if enabled and _compiled_step is None:
+        _compiled_step = torch.compile(layer_step, dynamic=True)
+    _use_compiled = enabled
 
 
 def _optional_norm(module, config) -> Norm | None:
