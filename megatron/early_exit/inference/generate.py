@@ -223,10 +223,10 @@ def generate(
     model, prompts_token_ids: Sequence[Sequence[int]], params: GenerationParams
 ) -> list[GenerationResult]:
     """Generate up to ``params.max_new_tokens`` tokens after each prompt (see module docstring)."""
-    for update in generate_stream(model, prompts_token_ids, params):
+    for update in _decode(model, prompts_token_ids, params, stream=False):
         if update.results is not None:
             return update.results
-    raise AssertionError("generate_stream ends with the results")
+    raise AssertionError("decoding ends with the results")
 
 
 def generate_stream(
@@ -238,32 +238,47 @@ def generate_stream(
     Every rank of a TP/PP group iterates it alike; with PP>1 only pipeline stage 0 learns the
     tokens step by step, the other stages yield just the final results.
     """
-    model.eval()
-    with torch.no_grad():
-        _check_layout(model, params)
-        recorder = _Recorder(len(prompts_token_ids), params)
-        if model.config.pipeline_model_parallel_size > 1:
-            engine = Engine(model, pipeline_stage=True)
-            state, cache = _initial_state(engine, prompts_token_ids, params)
-            exit_depths = _pipeline_exit_depths(model, params)
-            steps = stream_pipelined(
-                engine, cache, state, recorder, exit_depths, params.exit_policy
-            )
-            for results in steps:
-                if results is None:
-                    yield recorder.take_update()
-                else:
-                    yield StreamUpdate(results=results)
+    yield from _decode(model, prompts_token_ids, params, stream=True)
+
+
+def _decode(model, prompts_token_ids, params: GenerationParams, stream: bool):
+    """The decoding loop of both entry points, each resumption under ``torch.inference_mode``
+    (never held across a ``yield``, so the consumer's code between items runs in its own mode)."""
+    steps = _decode_steps(model, prompts_token_ids, params, stream)
+    while True:
+        with torch.inference_mode():
+            item = next(steps, None)
+        if item is None:
             return
-        decoder = Decoder(model, params)
-        state = decoder.prefill(prompts_token_ids)
-        emitted = state.emitted
-        while True:
-            state.active = recorder.add(emitted, state.active)
+        yield item
+
+
+def _decode_steps(model, prompts_token_ids, params: GenerationParams, stream: bool):
+    model.eval()
+    _check_layout(model, params)
+    recorder = _Recorder(len(prompts_token_ids), params)
+    if model.config.pipeline_model_parallel_size > 1:
+        engine = Engine(model, pipeline_stage=True)
+        state, cache = _initial_state(engine, prompts_token_ids, params)
+        exit_depths = _pipeline_exit_depths(model, params)
+        steps = stream_pipelined(engine, cache, state, recorder, exit_depths, params.exit_policy)
+        for results in steps:
+            if results is None:
+                if stream:
+                    yield recorder.take_update()
+            else:
+                yield StreamUpdate(results=results)
+        return
+    decoder = Decoder(model, params)
+    state = decoder.prefill(prompts_token_ids)
+    emitted = state.emitted
+    while True:
+        state.active = recorder.add(emitted, state.active)
+        if stream:
             yield recorder.take_update()
-            if not state.active.any():
-                break
-            emitted = decoder.step(state)
+        if not state.active.any():
+            break
+        emitted = decoder.step(state)
     yield StreamUpdate(results=recorder.results())
 
 

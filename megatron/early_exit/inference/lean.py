@@ -177,7 +177,7 @@ class StepTables:
     """Per-request, per-row tables, built once: position ids and RoPE ``cos``/``sin``.
 
     ``positions[b, max_seq]`` is ``slot - pad`` clamped at 0 (left padding); ``cos``/``sin`` are
-    ``[b, max_seq, rot]`` from megatron's own rotary table (rotary percent and scaling included).
+    ``[max_seq, b, rot]`` from megatron's own rotary table (rotary percent and scaling included).
     Masks are built once per step (see :meth:`mask`) and shared by every layer of the step.
     """
 
@@ -190,7 +190,7 @@ class StepTables:
         self.cos = self.sin = None
         if getattr(model, "position_embedding_type", "") == "rope":
             table = model.rotary_pos_emb(max_sequence_length)  # [s, 1, 1, rot]
-            freqs = table[:, 0, 0].to(device)[self.positions]  # [b, s, rot]
+            freqs = table[:, 0, 0].to(device)[self.positions.t()]  # [s, b, rot]
             dtype = model.config.params_dtype
             self.cos, self.sin = freqs.cos().to(dtype), freqs.sin().to(dtype)
         self._masks: dict[tuple[int, int], torch.Tensor | None] = {}
@@ -199,10 +199,11 @@ class StepTables:
         self._masks.clear()
 
     def rope(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``cos, sin`` ``[b, 1, n, rot]`` for slots ``[start, end)`` (None without RoPE)."""
+        """``cos, sin`` ``[n, b, 1, 1, rot]`` for slots ``[start, end)`` (None without RoPE),
+        to broadcast over the ``[n, b, groups, heads, hn]`` query/key layout."""
         if self.cos is None:
             return None
-        return self.cos[:, start:end].unsqueeze(1), self.sin[:, start:end].unsqueeze(1)
+        return self.cos[start:end, :, None, None], self.sin[start:end, :, None, None]
 
     def mask(self, start: int, num_positions: int) -> torch.Tensor | None:
         """``[b, 1, n, start + n]`` bool, True = attend, or None when plain attention to every
@@ -225,7 +226,7 @@ class StepTables:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Megatron's non-interleaved RoPE on ``x[b, heads, n, hn]`` (first ``rot`` dims rotate)."""
+    """Megatron's non-interleaved RoPE on ``x[..., hn]`` (the first ``rot`` dims rotate)."""
     rot = cos.shape[-1]
     x_rot, x_pass = (x, None) if rot == x.shape[-1] else (x[..., :rot], x[..., rot:])
     x1, x2 = torch.chunk(x_rot, 2, dim=-1)
@@ -307,17 +308,18 @@ def layer_step(layer: Layer, hidden, keys, values, start: int, rope, mask) -> to
     n, b = x.shape[:2]
     g, hn = layer.num_groups, layer.head_dim
     r = layer.num_heads // g
-    mixed = F.linear(x, layer.qkv_weight, layer.qkv_bias).view(n, b, g, (r + 2) * hn)
-    query, key, value = torch.split(mixed, [r * hn, hn, hn], dim=3)
-    query = query.reshape(n, b, g * r, hn).permute(1, 2, 0, 3)  # [b, np, n, hn]
-    key = key.permute(1, 2, 0, 3)  # [b, g, n, hn]
+    mixed = F.linear(x, layer.qkv_weight, layer.qkv_bias).view(n, b, g, r + 2, hn)
+    query_key, value = mixed[:, :, :, : r + 1], mixed[:, :, :, r + 1]  # per group: r queries, key
+    if layer.q_norm is not None or layer.k_norm is not None:
+        query, key = mixed[:, :, :, :r], mixed[:, :, :, r : r + 1]
+        query = query if layer.q_norm is None else layer.q_norm(query)
+        key = key if layer.k_norm is None else layer.k_norm(key)
+        query_key = torch.cat([query, key], dim=3)
+    if rope is not None:  # queries and keys rotated in one go, new positions only
+        query_key = apply_rope(query_key, *rope)
+    query = query_key[:, :, :, :r].reshape(n, b, g * r, hn).permute(1, 2, 0, 3)  # [b, np, n, hn]
+    key = query_key[:, :, :, r].permute(1, 2, 0, 3)  # [b, g, n, hn]
     value = value.permute(1, 2, 0, 3)
-    if layer.q_norm is not None:
-        query = layer.q_norm(query)
-    if layer.k_norm is not None:
-        key = layer.k_norm(key)
-    if rope is not None:
-        query, key = apply_rope(query, *rope), apply_rope(key, *rope)
     end = start + n
     keys[:, :, start:end] = key
     values[:, :, start:end] = value

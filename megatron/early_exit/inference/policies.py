@@ -342,7 +342,8 @@ class SelfSpeculative(KVFillPolicy):
         return Emitted(emitted, logprobs, depths, top_ids, top_logprobs)
 
     def _draft(self, engine: Engine, cache: KVCache, state: DecodeState, num_drafts: int):
-        """Feed the last token and ``k - 1`` drafts up to the draft exit: drafts ``[b, k]``."""
+        """Feed the last token and ``k - 1`` drafts up to the draft exit: drafts ``[b, k]`` and
+        their distributions ``[b, k, V]`` (None when greedy: verification needs only tokens)."""
         drafts, draft_probs, inputs = [], [], state.inputs
         captured: list[torch.Tensor] = []
 
@@ -355,9 +356,11 @@ class SelfSpeculative(KVFillPolicy):
             logits = captured.pop()
             tokens = state.sampler.sample(logits, torch.ones_like(state.active)).tokens
             drafts.append(tokens)
-            draft_probs.append(state.sampler.probs(logits))
+            if not state.sampler.greedy:
+                draft_probs.append(state.sampler.probs(logits))
             inputs = tokens.unsqueeze(1).to(state.inputs.device)
-        return torch.stack(drafts, dim=1), torch.stack(draft_probs, dim=1)
+        probs = torch.stack(draft_probs, dim=1) if draft_probs else None
+        return torch.stack(drafts, dim=1), probs
 
     def _verify(self, drafts, draft_probs, target_logits, state: DecodeState):
         """``(num_accepted [b], next_tokens [b])`` from the target logits ``[b, k + 1, V]``."""
