@@ -174,16 +174,17 @@ def _cache_checks(model, prompts) -> dict:
     fresh = engine.new_cache(pads, MAX_SEQ)
     engine.forward(fresh, fed[:, : cache.complete_length], depths)
     errors = {}
-    for layer_number in fresh.context.key_value_memory_dict:
+    for layer_number in fresh.kv.buffers:
         for name, got, want in zip(
             "KV", cache.key_value(layer_number), fresh.key_value(layer_number)
         ):
             for row, pad in enumerate(pads.tolist()):
-                a, b = got[pad : cache.complete_length, row], want[pad : cache.complete_length, row]
+                a = got[row, :, pad : cache.complete_length]  # [g, s, d]
+                b = want[row, :, pad : cache.complete_length]
                 errors[f"{name}{layer_number}/{row}"] = relative_error(a, b)
     return {
         "max_error": max(errors.values()),
-        "num_buffers": len(fresh.context.key_value_memory_dict),
+        "num_buffers": len(fresh.kv.buffers),
         "pending_seen": pending_seen,
         "complete": cache.complete_length - tokens.shape[1],
         "early_steps": sum(d < model.config.num_layers for d in step_depths),

@@ -71,15 +71,34 @@ def _error(model, prompts, **kwargs) -> str:
     return "no error"
 
 
+def _logprobs(model, prompts, method: str) -> dict:
+    """Every token's log-prob, full depth and with early exit (the lean step on each stage)."""
+    from megatron.early_exit.inference.generate import generate
+
+    return {
+        "full": [r.logprobs for r in generate(model, prompts, _params(early_exit=False))],
+        "early": [
+            r.logprobs
+            for r in generate(model, prompts, _params(method=method, threshold=THRESHOLD))
+        ],
+    }
+
+
 def pipelined_worker(rank: int, world_size: int, families: tuple[str, ...], tp: int) -> dict:
     out: dict = {}
     prompts = _prompts(seed=3, count=4)
     for family in families:
         model = _build(family, tp, 1)
         reference = _decode_all(model, prompts, "recompute")
+        reference_logprobs = _logprobs(model, prompts, "recompute")
         out["errors/pipelined_at_pp1"] = _error(model, prompts, method="pipelined")
         model = _build(family, tp, 2)
         pipelined = _decode_all(model, prompts, "pipelined")
+        for name, rows in _logprobs(model, prompts, "pipelined").items():
+            pairs = zip(rows, reference_logprobs[name], strict=True)
+            out[f"{family}/logprob_error/{name}"] = max(
+                abs(a - b) for x, y in pairs for a, b in zip(x, y, strict=True)
+            )
         out["errors/recompute_at_pp2"] = _error(model, prompts, method="recompute")
         for name in reference:
             out[f"{family}/{name}/reference"] = reference[name]
@@ -112,6 +131,14 @@ def test_pipelined_equals_pp1_decoding(pp2, family, name):
     for key in (f"{family}/{name}/pipelined", f"{family}/{name}/reference"):
         _check_all_ranks_agree(pp2, key)
     assert pp2[0][f"{family}/{name}/pipelined"] == pp2[0][f"{family}/{name}/reference"]
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+@pytest.mark.parametrize("name", ["full", "early"])
+def test_pipelined_logprobs_equal_pp1(pp2, family, name):
+    """The PP=2 lean step's log-probs equal PP=1's (which test_generation checks against
+    megatron's no-cache forward), token by token."""
+    assert pp2[0][f"{family}/logprob_error/{name}"] < 1e-5
 
 
 @pytest.mark.parametrize("family", ["gpt", "llama"])

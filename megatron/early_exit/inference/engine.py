@@ -1,4 +1,4 @@
-"""One decoding step of an early-exit model, with the layers run by hand.
+"""One decoding step of an early-exit model, on the lean functional step (``lean.py``).
 
 :meth:`Engine.forward` feeds new tokens at the end of a :class:`KVCache` and walks the depths
 ``0..L``: before layer ``l`` the cache's pending positions whose K/V stops at ``l - 1`` join the
@@ -10,12 +10,12 @@ the exit's transform, its confidence head and its vocabulary projection run only
 callback asks for them (``view.confidence()`` costs a small MLP; ``view.logits()`` the full
 projection), so a cheap decision pays for the projection only at the exit actually taken. A
 step that reaches depth ``L`` without being stopped ends with the final norm and head. Logits
-are gathered over tensor parallelism (``runtime_gather_output=True``), so every TP rank sees the
-same logits and decides alike.
+are gathered over tensor parallelism, so every TP rank sees the same logits and decides alike.
 
-Multi-token chunks at an offset get an explicit ``[b, 1, n, offset + n]`` bool mask (megatron's
-local attention ignores the mask type once the offset is non-zero) and per-row RoPE tables, so
-left-padded rows get their own positions.
+Layers, exits and heads run as :mod:`lean` functions over the model's own parameters (tested
+equal to megatron-core's modules). Multi-token chunks and padded batches get one explicit
+``[b, 1, n, offset + n]`` bool mask per step (``StepTables.mask``); RoPE tables are built once
+per request with per-row positions, so left-padded rows get their own positions.
 
 With pipeline parallelism (``Engine(model, pipeline_stage=True)``) the engine runs one stage's
 slice: the depths ``first_depth..last_depth`` of its layers and the exits that live there, fed
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron.early_exit.inference.kv_cache import KVCache
-from megatron.early_exit.model.exit_heads import BlockExit, LayerInputs
+from megatron.early_exit.inference.lean import LeanModel, StepTables, probed
 
 
 class ExitView:
@@ -58,10 +58,10 @@ class ExitView:
     def logits(self) -> torch.Tensor:
         """``[b, m, V]`` float32 logits, gathered over TP (the full vocabulary projection)."""
         if self._logits is None:
-            head = self.head
-            weight = None if head.exit_config.untied else self._engine.model.tied_exit_weight()
-            logits = head.project(self.states, weight, runtime_gather_output=True)
-            self._logits = logits.transpose(0, 1).float()  # [m, b, V] -> [b, m, V]
+            lean, states = self._engine.lean, self.states
+            weight = lean.exit_weights[self.depth]
+            name = f"exit{self.depth}/output_layer"
+            self._logits = probed(name, states.shape[0], lean.project, states, weight)
             self._engine.counts["exit_projections"] += 1
         return self._logits
 
@@ -78,7 +78,10 @@ class ExitView:
                 "--exit-confidence-head), so measure 'learned' cannot be used"
             )
         if self._confidence is None:
-            self._confidence = self.head.confidence(self.states).transpose(0, 1).float()
+            states = self.states
+            name = f"exit{self.depth}/confidence_head"
+            confidence = probed(name, states.shape[0], self.head.confidence, states)
+            self._confidence = confidence.transpose(0, 1).float()
             self._engine.counts["confidence_heads"] += 1
         return self._confidence
 
@@ -129,15 +132,17 @@ class Engine:
         ``final_projections``, ``confidence_heads`` (the benchmark's cost accounting)."""
         self.exits = {e.depth: e for e in model.local_exit_configs}
         """This stage's exits by depth."""
-        self.uses_rope = getattr(model, "position_embedding_type", "") == "rope"
+        self.max_positions = None
+        """Positions the model can embed (its learned position table), None for RoPE."""
+        if getattr(model, "position_embedding_type", "") == "learned_absolute":
+            self.max_positions = model.max_sequence_length
+        self.lean = LeanModel(model)
+        self.device = next(model.parameters()).device
 
     def new_cache(self, pad_lengths: torch.Tensor, max_sequence_length: int) -> KVCache:
-        """An empty cache for left-padded rows; also prepares their per-row RoPE tables."""
+        """An empty cache for left-padded rows, with their per-row positions and RoPE tables."""
         cache = KVCache(pad_lengths, max_sequence_length, self.num_layers)
-        if self.uses_rope:
-            table = self.model.rotary_pos_emb(max_sequence_length)  # [s, 1, 1, d]
-            positions = cache.position_ids(0, max_sequence_length).t().to(table.device)
-            cache.rotary_pos_emb = table[:, 0][positions]  # [s, b, 1, d]: per-row positions
+        cache.tables = StepTables(self.model, pad_lengths, max_sequence_length, self.device)
         return cache
 
     @torch.no_grad()
@@ -163,17 +168,20 @@ class Engine:
             final_logits: whether a step that reaches the last layer runs the final head.
         """
         start = cache.length
+        cache.tables.new_step()
         if self.is_first_stage:
-            position_ids = cache.position_ids(start, tokens.shape[1]).to(tokens.device)
-            hidden = self.model.embedding(input_ids=tokens, position_ids=position_ids)  # [n,b,h]
+            positions = cache.tables.positions[:, start : start + tokens.shape[1]]
+            hidden = probed("embedding", tokens.shape[1], self.lean.embed, tokens, positions)
         elif hidden is None:
             raise ValueError("a later pipeline stage is fed hidden states, not tokens")
         depths = sorted(exit_depths)
         for depth in range(self.first_depth, self.last_depth + 1):
             if depth > self.first_depth:
                 start, hidden = self._join_pending(cache, depth, start, hidden)
-                layer = self.model.decoder.layers[depth - self.first_depth - 1]
-                hidden, _ = layer(hidden_states=hidden, **self._layer_inputs(cache, start, hidden))
+                layer = self.lean.layers[depth - self.first_depth - 1]
+                hidden = probed(
+                    "layer", hidden.shape[0], layer, hidden, cache.kv, start, cache.tables
+                )
                 self.counts["layer_positions"] += hidden.shape[0]
             if depth in depths:
                 view = self._exit_view(cache, depth, start, hidden, num_logits)
@@ -195,34 +203,26 @@ class Engine:
         assert first + pending.shape[0] == start, (first, pending.shape, start)
         return first, torch.cat([pending, hidden], dim=0)
 
-    def _layer_inputs(self, cache: KVCache, start: int, hidden: torch.Tensor) -> dict:
-        cache.context.sequence_len_offset = start  # where this chunk's K/V are written
-        inputs = LayerInputs(
-            attention_mask=cache.attention_mask(start, hidden.shape[0], hidden.device),
-            rotary_pos_emb=cache.rotary_pos_emb,
-            inference_context=cache.context,
-        )
-        return inputs.as_kwargs()
-
     def _exit_view(self, cache, depth, start, hidden, num_logits) -> ExitView:
         """The exit at ``depth`` over the last ``num_logits`` chunk positions. A block exit's
         layer runs now on every position (it writes the exit's KV slot); other transforms wait
         until the caller asks."""
-        head = self.model.exit_heads[self.exits[depth].key]
-        if isinstance(head, BlockExit):
-            layer_inputs = LayerInputs(**self._layer_inputs(cache, start, hidden))
-            states = head.transform(hidden, layer_inputs)[-num_logits:]
+        transform = self.lean.exit_transforms[depth]
+        name = f"exit{depth}/{transform.structure}"
+        if transform.layer is not None:
+            args = (hidden, cache.kv, start, cache.tables)
+            out = probed(f"exit{depth}/layer", hidden.shape[0], transform.layer, *args)
+            states = probed(name, num_logits, transform, out[-num_logits:])
             return ExitView(self, depth, lambda: states)
-        return ExitView(self, depth, lambda: head.transform(hidden[-num_logits:], None))
+        last = hidden[-num_logits:]
+        return ExitView(self, depth, lambda: probed(name, last.shape[0], transform, last))
 
     def _final_logits(self, hidden: torch.Tensor, num_logits: int) -> torch.Tensor:
-        model = self.model
         states = hidden[-num_logits:]
-        if model.decoder.final_layernorm is not None:
-            states = model.decoder.final_layernorm(states)
-        weight = None
-        if model.share_embeddings_and_output_weights:
-            weight = model.shared_embedding_or_output_weight()
-        logits, _ = model.output_layer(states, weight=weight, runtime_gather_output=True)
+        width = states.shape[0]
+        if self.lean.final_norm is not None:
+            states = probed("final/norm", width, self.lean.final_norm, states)
         self.counts["final_projections"] += 1
-        return logits.transpose(0, 1).float()  # [m, b, V] -> [b, m, V]
+        return probed(
+            "final/output_layer", width, self.lean.project, states, self.lean.final_weight
+        )

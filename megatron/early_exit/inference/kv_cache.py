@@ -1,10 +1,11 @@
-"""The KV cache of early-exit decoding: megatron-core's static cache plus per-position fill depth.
+"""The KV cache of early-exit decoding: the lean step's buffers plus per-position fill depth.
 
-Storage is megatron-core's :class:`StaticInferenceContext`: one ``(K, V)`` buffer pair per
-attention layer, keyed by the layer's global ``layer_number`` (block exits own the slots
-``num_layers + depth``), each ``[max_seq, max_batch, groups/tp, head_dim]``, keys stored before
-RoPE, written by the layers themselves at ``context.sequence_len_offset``. This module adds what
-early exit needs on top (see ``docs/kv_cache_policy.md``):
+Storage is :class:`lean.LeanKV`: one ``(K, V)`` buffer pair per attention layer, keyed by the
+layer's global ``layer_number`` (block exits own the slots ``num_layers + depth``), each
+``[b, groups/tp, max_seq, head_dim]`` (the layout ``scaled_dot_product_attention`` reads), keys
+stored after RoPE, written by the lean layers at the step's start position. The per-request
+tables (positions, RoPE ``cos``/``sin``, the step's masks) are :class:`lean.StepTables`. This
+module adds what early exit needs on top (see ``docs/kv_cache_policy.md``):
 
 * ``filled_depths``: for every position that is not yet in all layers' caches ("pending"), the
   number of backbone layers that hold its K/V, and ``pending_hidden``, its hidden state after that
@@ -22,7 +23,8 @@ tail of a step (rejected speculative drafts) is just recording fewer positions.
 from __future__ import annotations
 
 import torch
-from megatron.core.inference.contexts import StaticInferenceContext
+
+from megatron.early_exit.inference.lean import LeanKV, StepTables
 
 
 class KVCache:
@@ -33,15 +35,15 @@ class KVCache:
     ) -> None:
         self.pad_lengths = pad_lengths.long().cpu()  # [b]
         self.num_layers = num_layers
-        self.context = StaticInferenceContext(len(pad_lengths), max_sequence_length)
+        self.kv = LeanKV(len(pad_lengths), max_sequence_length)
         self.complete_length = 0
         """Positions ``[0, complete_length)`` have K/V in every layer."""
         self.filled_depths: list[int] = []
         """Fill depth of positions ``[complete_length, length)`` (non-increasing)."""
         self.pending_hidden: torch.Tensor | None = None
         """``[length - complete_length, b, h]``: each pending position's state at its depth."""
-        self.rotary_pos_emb: torch.Tensor | None = None
-        """``[max_seq, b, 1, d]`` per-row RoPE table (set by the engine for RoPE models)."""
+        self.tables: StepTables | None = None
+        """Per-row positions, RoPE tables and step masks (set by the engine)."""
 
     @property
     def batch_size(self) -> int:
@@ -54,7 +56,7 @@ class KVCache:
 
     @property
     def max_sequence_length(self) -> int:
-        return self.context.max_sequence_length
+        return self.kv.max_sequence_length
 
     def catch_up(self, depth: int) -> tuple[int, torch.Tensor | None]:
         """Pending positions whose K/V stops at layer ``depth - 1``: ``(first position, hidden)``.
@@ -74,6 +76,10 @@ class KVCache:
         no later step reads, since each step reads only up to what it has just written).
         """
         assert 0 <= start <= self.length, (start, self.length)
+        if not self.filled_depths and start == self.complete_length and depth >= self.num_layers:
+            self.complete_length += hidden.shape[0]  # the common full-depth step: nothing pending
+            assert self.length <= self.max_sequence_length, "increase max_sequence_length"
+            return
         if start < self.complete_length:  # rollback into complete positions
             self.complete_length, self.filled_depths = start, []
             self.pending_hidden = None
@@ -97,17 +103,6 @@ class KVCache:
         slots = torch.arange(start, start + num_positions)
         return (slots.unsqueeze(0) - self.pad_lengths.unsqueeze(1)).clamp(min=0)
 
-    def attention_mask(self, start: int, num_positions: int, device) -> torch.Tensor:
-        """``[b, 1, n, start + n]`` bool, True = masked: causal, and padding keys hidden (a
-        padding query still sees itself, so no row of the softmax is empty)."""
-        end = start + num_positions
-        query = torch.arange(start, end).view(1, -1, 1)
-        key = torch.arange(end).view(1, 1, -1)
-        causal = key > query  # [1, n, end]
-        padding = key < self.pad_lengths.view(-1, 1, 1)  # [b, 1, end]
-        masked = causal | (padding & (key != query))
-        return masked.unsqueeze(1).to(device)
-
     def key_value(self, layer_number: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``(K, V)`` buffers of a layer (global ``layer_number``), ``[max_seq, b, g, d]``."""
-        return self.context.key_value_memory_dict[layer_number]
+        """The ``(K, V)`` buffers of a layer (global ``layer_number``), ``[b, g, max_seq, d]``."""
+        return self.kv.buffers[layer_number]

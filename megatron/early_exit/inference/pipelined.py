@@ -4,7 +4,7 @@ Every token runs through every layer, so every stage's KV cache is always comple
 is ever recomputed. The gain is latency: the first stage starts token ``t + 1`` as soon as some
 exit has produced token ``t``, while the deeper stages are still finishing token ``t``'s K/V.
 
-Protocol (one pipeline; every rank of the pipeline group runs :func:`decode_pipelined` with the
+Protocol (one pipeline; every rank of the pipeline group runs :func:`stream_pipelined` with the
 same arguments; TP ranks of a stage compute alike, since logits are gathered over TP):
 
 * stage ``s`` sends stage ``s + 1``, per step, a header ``[STEP, n, t, decided[b], active[b]]``
@@ -35,7 +35,7 @@ samples the same tokens as KV recomputation given the same decisions.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -129,8 +129,8 @@ class _StageRunner:
         def on_exit(depth: int, view: ExitView) -> bool:
             fired = decide_rows(view, self.policy, step.undecided)
             if fired.any():
-                new_tokens, new_logprobs = sampler.sample(view.logits()[:, -1], fired, step.index)
-                step.take(fired, new_tokens, new_logprobs, depth)
+                draw = sampler.sample(view.logits()[:, -1], fired, step.index)
+                step.take(fired, draw.tokens, draw.logprobs, depth)
             return False  # never stop: the deeper layers of this stage still need the KV
 
         out = self.engine.forward(
@@ -143,8 +143,8 @@ class _StageRunner:
         )
         if out.final_logits is not None:
             rows = step.undecided
-            new_tokens, new_logprobs = sampler.sample(out.final_logits[:, -1], rows, step.index)
-            step.take(rows, new_tokens, new_logprobs, num_layers)
+            draw = sampler.sample(out.final_logits[:, -1], rows, step.index)
+            step.take(rows, draw.tokens, draw.logprobs, num_layers)
         return out.hidden
 
     def send_next(self, step: _Step, hidden: torch.Tensor) -> None:
@@ -167,8 +167,9 @@ class _StageRunner:
 
     # ------------------------------------------------------------------ stage loops
 
-    def run_first(self, recorder) -> None:
-        """Stage 0: embeds, runs its exits, collects each token's decision, applies stops."""
+    def run_first(self, recorder) -> Iterator[None]:
+        """Stage 0: embeds, runs its exits, collects each token's decision, applies stops;
+        yields after each recorded step (so the caller can stream it)."""
         state = self.state
         while state.active.any():
             step = _Step(
@@ -189,6 +190,7 @@ class _StageRunner:
             state.active = recorder.add(emitted, state.active)
             state.inputs = tokens.unsqueeze(1).to(self.device)
             state.num_generated += 1
+            yield
         self.send_done()
         self.comm.wait_all()
 
@@ -217,22 +219,23 @@ class _StageRunner:
         self.comm.wait_all()
 
 
-def decode_pipelined(
+def stream_pipelined(
     engine: Engine,
     cache: KVCache,
     state: DecodeState,
     recorder,
     exit_depths: Sequence[int],
     policy: ExitPolicy,
-):
-    """Decode ``state`` over the pipeline; every rank of the pipeline group returns the results
-    (``recorder.results()`` of stage 0, broadcast)."""
+) -> Iterator[list | None]:
+    """Decode ``state`` over the pipeline: stage 0 yields None after each recorded step; then
+    every rank of the pipeline group yields the results (``recorder.results()`` of stage 0,
+    broadcast) as the last item."""
     runner = _StageRunner(engine, cache, state, exit_depths, policy)
     if runner.stage == 0:
-        runner.run_first(recorder)
+        yield from runner.run_first(recorder)
         results = [recorder.results()]
     else:
         runner.run_later()
         results = [None]
     dist.broadcast_object_list(results, group=runner.group, group_src=0)
-    return results[0]
+    yield results[0]

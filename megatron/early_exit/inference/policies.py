@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -28,50 +29,85 @@ from megatron.early_exit.inference.engine import Engine, ExitView
 from megatron.early_exit.inference.kv_cache import KVCache
 from megatron.early_exit.inference.sampling import (
     greedy_verify,
-    sample,
     sampling_logprobs,
     speculative_accept,
     token_logprobs,
 )
 
 
+class Draw(NamedTuple):
+    """What :meth:`RowSampler.sample` drew for every row of ``logits[b, V]``."""
+
+    tokens: torch.Tensor
+    """``[b]`` long (CPU)."""
+    logprobs: torch.Tensor
+    """``[b]`` float32 (CPU): the reported log-prob (see ``sampling.sample``)."""
+    top_ids: torch.Tensor | None = None
+    """``[b, N]`` the ``N`` most likely tokens under the head's own log-softmax (if asked)."""
+    top_logprobs: torch.Tensor | None = None
+    """``[b, N]`` their log-probs."""
+
+
 class RowSampler:
     """Sampling settings of a request and one generator per row.
 
-    Per-row generators make every row's random stream independent of the batch it runs in, so a
-    row samples the same tokens batched or alone (given the same seed). ``sample(..., step=t)``
-    reseeds the row's generator from ``(seed, t)`` first, so the ``t``-th generated token's draw
-    does not depend on which head or which pipeline stage sampled the tokens before it: the
-    one-token-per-step methods (full depth, KV recompute, pipelined) pass the token index and
-    therefore sample alike. Speculative decoding uses the running streams (``step=None``).
+    Batched: greedy rows take the argmax and its log-softmax value (a gather and a logsumexp, no
+    sort); sampled rows get their tempered, top-k/top-p filtered distribution in one batched call,
+    and only the final draw runs per row, from the row's own generator. Per-row generators make
+    every row's random stream independent of the batch it runs in, so a row samples the same
+    tokens batched or alone (given the same seed). ``sample(..., step=t)`` reseeds the row's
+    generator from ``(seed, t)`` first, so the ``t``-th generated token's draw does not depend on
+    which head or which pipeline stage sampled the tokens before it: the one-token-per-step
+    methods (full depth, KV recompute, pipelined) pass the token index and therefore sample
+    alike. Speculative decoding uses the running streams (``step=None``).
     """
 
-    def __init__(self, temperature: float, top_k: int, top_p: float, seeds: Sequence[int]):
+    def __init__(
+        self,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        seeds: Sequence[int],
+        num_top_logprobs: int = 0,
+    ):
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.seeds = [int(s) for s in seeds]
         self.generators = [torch.Generator().manual_seed(s) for s in self.seeds]
+        self.num_top_logprobs = num_top_logprobs
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def sample(
-        self, logits: torch.Tensor, rows: torch.Tensor, step: int | None = None
-    ) -> tuple[torch.Tensor, ...]:
-        """Tokens and log-probs ``[b]`` for the ``rows`` (bool ``[b]``) of ``logits[b, V]``;
-        ``step``: index of the token being drawn (reseeds the rows' generators, see above)."""
-        tokens = torch.zeros(logits.shape[0], dtype=torch.long)
-        logprobs = torch.zeros(logits.shape[0])
-        for row in rows.nonzero().flatten().tolist():
-            generator = self.generators[row]
-            if step is not None and not self.greedy:
-                generator.manual_seed(_step_seed(self.seeds[row], step))
-            token, logprob = sample(
-                logits[row : row + 1].cpu(), self.temperature, self.top_k, self.top_p,
-                generator=generator,
-            )  # fmt: skip
-            tokens[row], logprobs[row] = token[0], logprob[0]
-        return tokens, logprobs
+    def sample(self, logits: torch.Tensor, rows: torch.Tensor, step: int | None = None) -> Draw:
+        """Tokens and log-probs ``[b]`` of ``logits[b, V]``; only the ``rows`` (bool ``[b]``)
+        draw from their generators (the others' entries are unspecified); ``step``: index of the
+        token being drawn (reseeds the rows' generators, see above)."""
+        logits = logits.float()
+        if self.greedy:  # one max pass gives the token and the log-softmax's shift
+            chosen, tokens = logits.max(dim=-1)
+            shifted = (logits - chosen.unsqueeze(-1)).exp_().sum(dim=-1)
+            logprobs = -torch.log(shifted)  # log-softmax of the max: max - logsumexp
+        else:
+            log_probs = sampling_logprobs(logits.cpu(), self.temperature, self.top_k, self.top_p)
+            probs = log_probs.exp()
+            tokens = torch.zeros(logits.shape[0], dtype=torch.long)
+            for row in rows.nonzero().flatten().tolist():
+                generator = self.generators[row]
+                if step is not None:
+                    generator.manual_seed(_step_seed(self.seeds[row], step))
+                tokens[row] = torch.multinomial(probs[row : row + 1], 1, generator=generator)[0, 0]
+            logprobs = log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        return Draw(tokens.cpu(), logprobs.cpu(), *self.top(logits))
+
+    def top(self, logits: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(ids, log-probs)`` ``[b, N]`` of the ``N = num_top_logprobs`` most likely tokens
+        under ``logits[b, V]``'s log-softmax (the head's own distribution), or ``(None, None)``."""
+        if not self.num_top_logprobs:
+            return None, None
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        values, ids = log_probs.topk(min(self.num_top_logprobs, logits.shape[-1]), dim=-1)
+        return ids.cpu(), values.cpu()
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """The distribution ``sample`` draws from, for ``logits[..., V]``."""
@@ -85,6 +121,12 @@ class RowSampler:
             return token_logprobs(logits.cpu(), tokens)
         lp = sampling_logprobs(logits.cpu(), self.temperature, self.top_k, self.top_p)
         return lp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def max_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Top-1 softmax probability ``[b]`` of ``logits[b, V]`` (EE-LLM's ``print_max_prob``)."""
+    logits = logits.float()
+    return torch.exp(logits.max(dim=-1).values - torch.logsumexp(logits, dim=-1)).cpu()
 
 
 def decide_rows(view: ExitView, policy: ExitPolicy, rows: torch.Tensor) -> torch.Tensor:
@@ -118,6 +160,10 @@ class DecodeState:
     sampler: RowSampler
     num_generated: int = 0
     """Tokens generated so far per row (the same for every row: finished rows ride along)."""
+    exit_max_probs: bool = False
+    """Record each reached exit's top-1 probability per token (``Emitted.exit_max_probs``)."""
+    emitted: Emitted | None = None
+    """What the prefill emitted (``generate.Decoder.prefill``)."""
 
 
 @dataclass
@@ -128,6 +174,13 @@ class Emitted:
     logprobs: torch.Tensor
     exit_depths: torch.Tensor
     """Depth of the head that chose each token (``num_layers`` for the final head)."""
+    top_ids: torch.Tensor | None = None
+    """``[b, t, N]`` the head's ``N`` most likely tokens (``RowSampler.num_top_logprobs``)."""
+    top_logprobs: torch.Tensor | None = None
+    """``[b, t, N]`` their log-probs under the head that chose the token."""
+    exit_max_probs: dict[int, torch.Tensor] = field(default_factory=dict)
+    """``{depth: [b, t]}`` each exit's top-1 probability where the token's step reached it
+    (NaN where it did not), when ``DecodeState.exit_max_probs``."""
 
 
 class KVFillPolicy(ABC):
@@ -138,19 +191,76 @@ class KVFillPolicy(ABC):
         """Feed ``state.inputs`` and return each row's next token(s)."""
 
 
-def _one_token(tokens, logprobs, depths) -> Emitted:
-    return Emitted(tokens.unsqueeze(1), logprobs.unsqueeze(1), depths.unsqueeze(1))
+class _Choices:
+    """One step's per-row choices, filled head by head (exits in depth order, then the final
+    head) for the rows each head decides."""
+
+    def __init__(self, batch_size: int, num_layers: int):
+        self.tokens = torch.zeros(batch_size, dtype=torch.long)
+        self.logprobs = torch.zeros(batch_size)
+        self.depths = torch.full((batch_size,), num_layers, dtype=torch.long)
+        self.top_ids: torch.Tensor | None = None
+        self.top_logprobs: torch.Tensor | None = None
+        self.max_probs: dict[int, torch.Tensor] = {}
+
+    def take(self, rows: torch.Tensor, draw: Draw, depth: int, everything: bool = False) -> None:
+        if everything:
+            self.tokens, self.logprobs = draw.tokens, draw.logprobs
+            self.depths.fill_(depth)
+            self.top_ids, self.top_logprobs = draw.top_ids, draw.top_logprobs
+            return
+        self.tokens[rows], self.logprobs[rows], self.depths[rows] = (
+            draw.tokens[rows], draw.logprobs[rows], depth,
+        )  # fmt: skip
+        if draw.top_ids is not None:
+            if self.top_ids is None:
+                self.top_ids = torch.zeros_like(draw.top_ids)
+                self.top_logprobs = torch.zeros_like(draw.top_logprobs)
+            self.top_ids[rows], self.top_logprobs[rows] = (
+                draw.top_ids[rows],
+                draw.top_logprobs[rows],
+            )
+
+    def record_max_prob(self, depth: int, view: ExitView, rows: torch.Tensor) -> None:
+        """The exit's top-1 probability for ``rows`` (the rows that reached it)."""
+        probs = max_probs(view.logits()[:, -1])
+        self.max_probs[depth] = torch.where(rows, probs, torch.full_like(probs, float("nan")))
+
+    def emitted(self) -> Emitted:
+        def column(x):
+            return None if x is None else x.unsqueeze(1)
+
+        return Emitted(
+            self.tokens.unsqueeze(1), self.logprobs.unsqueeze(1), self.depths.unsqueeze(1),
+            column(self.top_ids), column(self.top_logprobs),
+            {d: p.unsqueeze(1) for d, p in self.max_probs.items()},
+        )  # fmt: skip
 
 
 class FullDepth(KVFillPolicy):
-    """Never exit: every token from the final head, every layer's KV written at once."""
+    """Never exit: every token from the final head, every layer's KV written at once.
+
+    ``exit_depths``: exits evaluated anyway, only to report their top-1 probabilities
+    (``DecodeState.exit_max_probs``); without that request no exit runs.
+    """
+
+    def __init__(self, exit_depths: Sequence[int] = ()):
+        self.exit_depths = tuple(sorted(exit_depths))
 
     def step(self, engine: Engine, cache: KVCache, state: DecodeState) -> Emitted:
-        out = engine.forward(cache, state.inputs)
-        tokens, logprobs = state.sampler.sample(
-            out.final_logits[:, -1], state.active, state.num_generated
-        )
-        return _one_token(tokens, logprobs, torch.full_like(tokens, engine.num_layers))
+        choices = _Choices(state.active.shape[0], engine.num_layers)
+        depths, on_exit = (), None
+        if state.exit_max_probs and self.exit_depths:
+            depths = self.exit_depths
+
+            def on_exit(depth: int, view: ExitView) -> bool:
+                choices.record_max_prob(depth, view, state.active)
+                return False
+
+        out = engine.forward(cache, state.inputs, depths, on_exit)
+        draw = state.sampler.sample(out.final_logits[:, -1], state.active, state.num_generated)
+        choices.take(state.active, draw, engine.num_layers, everything=True)
+        return choices.emitted()
 
 
 class KVRecompute(KVFillPolicy):
@@ -161,31 +271,24 @@ class KVRecompute(KVFillPolicy):
         self.exit_depths = tuple(d for d in sorted(exit_depths) if exit_policy.allows(d))
 
     def step(self, engine: Engine, cache: KVCache, state: DecodeState) -> Emitted:
-        batch_size = state.inputs.shape[0]
-        tokens = torch.zeros(batch_size, dtype=torch.long)
-        logprobs = torch.zeros(batch_size)
-        depths = torch.full((batch_size,), engine.num_layers, dtype=torch.long)
+        choices = _Choices(state.inputs.shape[0], engine.num_layers)
         undecided = state.active.clone()
 
         def on_exit(depth: int, view: ExitView) -> bool:
+            if state.exit_max_probs:
+                choices.record_max_prob(depth, view, undecided)
             fired = decide_rows(view, self.exit_policy, undecided)
             if fired.any():
-                new_tokens, new_logprobs = state.sampler.sample(
-                    view.logits()[:, -1], fired, state.num_generated
-                )
-                tokens[fired], logprobs[fired], depths[fired] = (
-                    new_tokens[fired], new_logprobs[fired], depth,
-                )  # fmt: skip
+                draw = state.sampler.sample(view.logits()[:, -1], fired, state.num_generated)
+                choices.take(fired, draw, depth)
                 undecided.copy_(undecided & ~fired)
             return not bool(undecided.any())
 
         out = engine.forward(cache, state.inputs, self.exit_depths, on_exit)
         if out.final_logits is not None:
-            new_tokens, new_logprobs = state.sampler.sample(
-                out.final_logits[:, -1], undecided, state.num_generated
-            )
-            tokens[undecided], logprobs[undecided] = new_tokens[undecided], new_logprobs[undecided]
-        return _one_token(tokens, logprobs, depths)
+            draw = state.sampler.sample(out.final_logits[:, -1], undecided, state.num_generated)
+            choices.take(undecided, draw, engine.num_layers)
+        return choices.emitted()
 
 
 class SelfSpeculative(KVFillPolicy):
@@ -195,6 +298,10 @@ class SelfSpeculative(KVFillPolicy):
     among the active rows, plus one token), so the batch shares one cache length. Truncating a
     row's accepted prefix early is still lossless: each kept token was accepted (or drawn from
     the target) given exactly the prefix before it.
+
+    Near the end of a learned-position model's context (``Engine.max_positions``) a round drafts
+    only as many tokens as positions remain (none: one plain full-depth step), so drafts never
+    run past the position table.
     """
 
     def __init__(self, draft_depth: int, num_draft_tokens: int):
@@ -204,29 +311,39 @@ class SelfSpeculative(KVFillPolicy):
         self.num_draft_tokens = num_draft_tokens
 
     def step(self, engine: Engine, cache: KVCache, state: DecodeState) -> Emitted:
-        if state.inputs.shape[1] > 1:  # prefill: one full-depth step (fills the draft exit too)
+        num_drafts = self.num_draft_tokens
+        if engine.max_positions is not None:  # slots start..start + k are fed this round
+            num_drafts = min(num_drafts, engine.max_positions - 1 - cache.length)
+        if state.inputs.shape[1] > 1 or num_drafts < 1:
+            # prefill, or no room to draft: one full-depth step (fills the draft exit too)
             out = engine.forward(cache, state.inputs, (self.draft_depth,))
-            tokens, logprobs = state.sampler.sample(out.final_logits[:, -1], state.active)
-            return _one_token(tokens, logprobs, torch.full_like(tokens, engine.num_layers))
+            choices = _Choices(state.active.shape[0], engine.num_layers)
+            draw = state.sampler.sample(out.final_logits[:, -1], state.active)
+            choices.take(state.active, draw, engine.num_layers, everything=True)
+            return choices.emitted()
         start = cache.length
-        drafts, draft_probs = self._draft(engine, cache, state)
-        out = engine.forward(
-            cache, drafts[:, -1:], (self.draft_depth,), num_logits=self.num_draft_tokens + 1
-        )
+        drafts, draft_probs = self._draft(engine, cache, state, num_drafts)
+        out = engine.forward(cache, drafts[:, -1:], (self.draft_depth,), num_logits=num_drafts + 1)
         num_accepted, next_tokens = self._verify(drafts, draft_probs, out.final_logits, state)
         keep = int(num_accepted[state.active].min()) if state.active.any() else 0
         emitted = torch.cat([drafts, next_tokens.unsqueeze(1)], dim=1)[:, : keep + 1].clone()
         emitted[:, keep] = torch.where(num_accepted == keep, next_tokens, emitted[:, keep])
         # Positions start..start+keep (the fed token and `keep` drafts) stay; the rest roll back.
         cache.update(start + keep + 1, engine.num_layers, torch.empty(0))
+        target = out.final_logits[:, : keep + 1]
         logprobs = torch.stack(
-            [state.sampler.logprob(out.final_logits[:, i], emitted[:, i]) for i in range(keep + 1)],
-            dim=1,
+            [state.sampler.logprob(target[:, i], emitted[:, i]) for i in range(keep + 1)], dim=1
         )
-        return Emitted(emitted, logprobs, torch.full_like(emitted, engine.num_layers))
+        top_ids, top_logprobs = state.sampler.top(target.reshape(-1, target.shape[-1]))
+        if top_ids is not None:
+            top_ids = top_ids.view(*emitted.shape, -1)
+            top_logprobs = top_logprobs.view(*emitted.shape, -1)
+        depths = torch.full_like(emitted, engine.num_layers)
+        return Emitted(emitted, logprobs, depths, top_ids, top_logprobs)
 
-    def _draft(self, engine: Engine, cache: KVCache, state: DecodeState):
-        """Feed the last token and ``k - 1`` drafts up to the draft exit: drafts ``[b, k]``."""
+    def _draft(self, engine: Engine, cache: KVCache, state: DecodeState, num_drafts: int):
+        """Feed the last token and ``k - 1`` drafts up to the draft exit: drafts ``[b, k]`` and
+        their distributions ``[b, k, V]`` (None when greedy: verification needs only tokens)."""
         drafts, draft_probs, inputs = [], [], state.inputs
         captured: list[torch.Tensor] = []
 
@@ -234,14 +351,16 @@ class SelfSpeculative(KVFillPolicy):
             captured.append(view.logits()[:, -1])
             return True
 
-        for _ in range(self.num_draft_tokens):
+        for _ in range(num_drafts):
             engine.forward(cache, inputs, (self.draft_depth,), stop_here)
             logits = captured.pop()
-            tokens, _ = state.sampler.sample(logits, torch.ones_like(state.active))
+            tokens = state.sampler.sample(logits, torch.ones_like(state.active)).tokens
             drafts.append(tokens)
-            draft_probs.append(state.sampler.probs(logits))
+            if not state.sampler.greedy:
+                draft_probs.append(state.sampler.probs(logits))
             inputs = tokens.unsqueeze(1).to(state.inputs.device)
-        return torch.stack(drafts, dim=1), torch.stack(draft_probs, dim=1)
+        probs = torch.stack(draft_probs, dim=1) if draft_probs else None
+        return torch.stack(drafts, dim=1), probs
 
     def _verify(self, drafts, draft_probs, target_logits, state: DecodeState):
         """``(num_accepted [b], next_tokens [b])`` from the target logits ``[b, k + 1, V]``."""

@@ -171,6 +171,9 @@ class StopChecker:
         batch_size = self.finished.shape[0]
         if new_tokens.shape != (batch_size,) or len(texts) != batch_size:
             raise ValueError(f"update expects {batch_size} new tokens and {batch_size} texts")
+        if not self.stop_strings and not len(self.eos_token_ids):  # nothing can stop a row
+            self._num_steps += 1
+            return self.finished.clone()
         is_eos = torch.isin(new_tokens.cpu().long(), self.eos_token_ids)
         for row in range(batch_size):
             if not self.finished[row]:

@@ -13,24 +13,21 @@ Exit layers are reported as depths (the number of layers below the head), the fi
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 
 from megatron.early_exit.inference.decide import CONFIDENCE_MEASURES, LOGIT_MEASURES, ExitPolicy
-from megatron.early_exit.inference.generate import GenerationParams, generate
+from megatron.early_exit.inference.generate import GenerationParams, generate, generate_stream
 from megatron.early_exit.inference.scoring import score_prompts
 from megatron.early_exit.model.builder import unwrap_model
 from megatron.early_exit.server.generator import (
     PromptCompletion,
     PromptScores,
     StreamItem,
+    TokenEvent,
     engine_prompt_ids,
-    stream_from_results,
 )
 from megatron.early_exit.server.protocol import GenerationRequest
 from megatron.early_exit.server.text import token_pieces
-
-_ENGINE_PARAMS = {field.name for field in dataclasses.fields(GenerationParams)}
 
 
 class EngineGenerator:
@@ -57,8 +54,14 @@ class EngineGenerator:
 
     @property
     def reports_exit_max_probs(self) -> bool:
-        """Whether the engine reports each exit's top probability (``print_max_prob``)."""
-        return "exit_max_probs" in _ENGINE_PARAMS
+        """Whether the engine reports each exit's top probability (``print_max_prob``): with
+        PP=1 and full decoding or KV recomputation (the service refuses it with speculation)."""
+        return not self._pipelined
+
+    @property
+    def reports_top_logprobs(self) -> bool:
+        """Whether generated tokens come with logprob alternatives (PP=1)."""
+        return not self._pipelined
 
     @property
     def chat_template(self) -> str | None:
@@ -79,6 +82,8 @@ class EngineGenerator:
     def decoding_methods(self) -> tuple[str, ...]:
         if self._pipelined:
             return ("auto", "pipelined")
+        if not self.exit_depths:  # nothing to draft with or exit at: the service answers 400
+            return ("auto",)
         return ("auto", "recompute", "speculative")
 
     @property
@@ -98,18 +103,56 @@ class EngineGenerator:
         return self._max_sequence_length
 
     def generate(self, params: GenerationRequest) -> list[PromptCompletion]:
-        if params.prompt_ids is not None:
-            prompts = [list(ids) or [self._tokenizer.eod] for ids in engine_prompt_ids(
-                params, self._tokenizer)]  # fmt: skip
-        else:
-            prompts = [self._prompt_ids(text, params.add_bos) for text in params.prompts]
+        prompts = self._prompts(params)
         if params.max_new_tokens == 0:
             return [PromptCompletion(i, "", (), (), ()) for i in range(len(prompts))]
         results = generate(self.model, prompts, self._engine_params(params))
         return [self._result(i, r, params) for i, r in enumerate(results)]
 
     def stream(self, params: GenerationRequest) -> Iterator[StreamItem]:
-        yield from stream_from_results(self.generate(params))
+        """Token events as the engine decodes them (each step's kept tokens, prompt order within
+        a step), then one ``PromptCompletion`` per prompt."""
+        prompts = self._prompts(params)
+        if params.max_new_tokens == 0:
+            yield from (PromptCompletion(i, "", (), (), ()) for i in range(len(prompts)))
+            return
+        texts = [""] * len(prompts)
+        tokens: list[list[int]] = [[] for _ in prompts]
+        for update in generate_stream(self.model, prompts, self._engine_params(params)):
+            if update.results is not None:
+                for index, result in enumerate(update.results):
+                    yield self._result(index, result, params)
+                return
+            for index, new_tokens in enumerate(update.tokens):
+                for position, token_id in enumerate(new_tokens):
+                    tokens[index].append(token_id)
+                    # The growth of the whole text: a character split over tokens arrives whole
+                    # with the token that completes it (its earlier tokens stream as "").
+                    text = self._tokenizer.detokenize(tokens[index])
+                    if text.endswith("\ufffd"):
+                        piece = ""
+                    else:
+                        piece, texts[index] = text[len(texts[index]) :], text
+                    yield self._event(update, index, position, token_id, piece, params)
+
+    def _event(self, update, index, position, token_id, piece, params) -> TokenEvent:
+        top = update.top_logprobs[index][position] if params.num_top_logprobs else None
+        max_probs = update.exit_max_probs[index][position] if params.print_max_prob else None
+        return TokenEvent(
+            index=index,
+            token_id=token_id,
+            text=piece,
+            exit_depth=update.exit_depths[index][position],
+            logprob=update.logprobs[index][position] if params.return_logprobs else None,
+            top_logprobs=None if top is None else self._top_text([top])[0],
+            exit_max_probs=None if max_probs is None else dict(max_probs),
+        )
+
+    def _prompts(self, params: GenerationRequest) -> list[list[int]]:
+        if params.prompt_ids is not None:
+            return [list(ids) or [self._tokenizer.eod]
+                    for ids in engine_prompt_ids(params, self._tokenizer)]  # fmt: skip
+        return [self._prompt_ids(text, params.add_bos) for text in params.prompts]
 
     def _prompt_ids(self, text: str, add_bos: bool) -> list[int]:
         ids = self._tokenizer.tokenize(text)
@@ -122,13 +165,9 @@ class EngineGenerator:
         method = params.decoding_method
         if method == "auto":
             method = "pipelined" if self._pipelined else "recompute"
-        extra = {}  # fields of the token-by-token engine, passed once it has them
-        if "top_logprobs" in _ENGINE_PARAMS:
-            extra["top_logprobs"] = params.num_top_logprobs
-        if "exit_max_probs" in _ENGINE_PARAMS:
-            extra["exit_max_probs"] = params.print_max_prob
         return GenerationParams(
-            **extra,
+            top_logprobs=params.num_top_logprobs if not self._pipelined else 0,
+            exit_max_probs=params.print_max_prob,
             max_new_tokens=params.max_new_tokens,
             temperature=params.temperature,
             top_k=params.top_k,

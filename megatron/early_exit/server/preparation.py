@@ -34,6 +34,7 @@ class RequestFields(NamedTuple):
     measure: str
     score_exit: str = "score_exit_layer"
     max_probs: str = "print_max_prob"
+    top_logprobs: str = "logprobs"
 
 
 GENERATE_FIELDS = RequestFields(
@@ -138,6 +139,19 @@ def _check_capabilities(params: GenerationRequest, generator, fields: RequestFie
     if params.print_max_prob and not getattr(generator, "reports_exit_max_probs", False):
         raise RequestError(
             fields.max_probs, "this server's engine does not report per-exit probabilities"
+        )
+    if params.print_max_prob and params.early_exit and params.decoding_method == "speculative":
+        raise RequestError(
+            fields.max_probs,
+            "per-exit probabilities are not reported with speculative decoding (its tokens "
+            "come from the draft exit and the final head's verification, not from exit decisions)",
+        )
+    alternatives = params.max_new_tokens > 0 and params.num_top_logprobs
+    if alternatives and not getattr(generator, "reports_top_logprobs", True):
+        raise RequestError(
+            fields.top_logprobs,
+            "logprob alternatives of generated tokens are not available on this server "
+            "(pipeline-parallel decoding does not gather them)",
         )
 
 

@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="rows end at the tokenizer's EOD (default: every row gets --max-new-tokens)",
     )
     add("--num-threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    add("--compile", action="store_true",
+        help="add a row of full decoding with torch.compile'd layers (its first call, which "
+        "compiles, is reported)")  # fmt: skip
     add("--seed", type=int, default=1234)
     add("--output-json", default="runs/bench_generation.json", help="'' to skip")
     add("--output-plot", default="runs/bench_generation.png", help="'' to skip")
@@ -232,14 +235,14 @@ def build_runners(args: argparse.Namespace, setup: Setup, log) -> tuple[dict, st
     )  # fmt: skip
     specs = method_specs(
         args.methods, args.thresholds, args.num_draft_tokens, args.draft_exit_depths,
-        setup.exit_depths,
+        setup.exit_depths, compiled=args.compile,
     )  # fmt: skip
     runners: dict[MethodSpec, Callable] = {}
     hf_note = "not requested"
     for spec in specs:
         if spec.method != HF_METHOD:
             params = engine_params(spec, **settings)
-            runners[spec] = EngineRunner(setup.model, params, args.batch_size)
+            runners[spec] = EngineRunner(setup.model, params, args.batch_size, spec.compiled)
             continue
         runner, reason = None, "it runs in a single process (TP=1, PP=1); run without torchrun"
         if setup.tensor_parallel_size * setup.pipeline_parallel_size == 1:

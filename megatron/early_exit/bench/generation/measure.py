@@ -11,83 +11,48 @@ so it is the slowest rank's time); ``time.process_time`` is recorded beside it.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import torch
-
-from megatron.early_exit.bench.generation import metrics
 from megatron.early_exit.bench.generation.methods import EngineRunner, MethodSpec, Outputs
 from megatron.early_exit.bench.generation.metrics import CallKey
 
 
-def profiled_modules(model) -> list[tuple[str, torch.nn.Module, int]]:
-    """``(call-key name, module, sequence dim of its first input)`` of every module the cost
-    model prices, among those this pipeline stage holds."""
-    out: list[tuple[str, torch.nn.Module, int]] = []
-    if model.pre_process:
-        out.append((metrics.EMBEDDING, model.embedding, 1))  # input_ids [b, n]
-    out += [(metrics.LAYER, layer, 0) for layer in model.decoder.layers]  # [n, b, h]
-    for exit_config in model.local_exit_configs:
-        head = model.exit_heads[exit_config.key]
-        prefix = metrics.exit_module(exit_config.depth)
-        out += [(f"{prefix}/{name}", child, 0) for name, child in head.named_children()]
-    if model.post_process:
-        if model.decoder.final_layernorm is not None:
-            out.append((f"{metrics.FINAL}/norm", model.decoder.final_layernorm, 0))
-        out.append((f"{metrics.FINAL}/output_layer", model.output_layer, 0))
-    return out
-
-
-def _first_tensor(args, kwargs) -> torch.Tensor | None:
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.Tensor):
-            return value
-    return None
-
-
 class ModuleProfiler:
-    """Forward hooks that count every call of the profiled modules by ``(name, width)`` and
-    time it, synchronising the device before and after each call so that asynchronous kernels
-    are charged to the module that launched them."""
+    """Counts every timed part of the engine's steps by ``(name, width)`` and times it, through
+    the lean step's probe (``inference.lean.set_probe``: the embedding, each layer, each exit's
+    parts, the final norm and head), synchronising the device before and after each part so
+    that asynchronous kernels are charged to the part that launched them."""
 
-    def __init__(self, model):
+    def __init__(self, model=None):
         from megatron.early_exit import platform
 
-        self.modules = profiled_modules(model)
         self.synchronize = platform.synchronize
         self.calls: Counter[CallKey] = Counter()
         self.samples: list[tuple[CallKey, float]] = []
-        self._handles: list = []
-        self._started: dict[int, tuple[CallKey, float]] = {}
 
     def __enter__(self) -> ModuleProfiler:
-        for name, module, seq_dim in self.modules:
-            pre = module.register_forward_pre_hook(self._pre(name, seq_dim), with_kwargs=True)
-            self._handles += [pre, module.register_forward_hook(self._post)]
+        from megatron.early_exit.inference import lean
+
+        lean.set_probe(self._probe)
         return self
 
     def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        from megatron.early_exit.inference import lean
 
-    def _pre(self, name: str, seq_dim: int):
-        def hook(module, args, kwargs):
-            tensor = _first_tensor(args, kwargs)
-            width = int(tensor.shape[seq_dim]) if tensor is not None else 0
-            self.synchronize()
-            self._started[id(module)] = ((name, width), time.perf_counter())
+        lean.set_probe(None)
 
-        return hook
-
-    def _post(self, module, args, output) -> None:
+    @contextlib.contextmanager
+    def _probe(self, name: str, width: int):
         self.synchronize()
-        key, start = self._started.pop(id(module))
-        self.calls[key] += 1
-        self.samples.append((key, time.perf_counter() - start))
+        start = time.perf_counter()
+        yield
+        self.synchronize()
+        self.calls[(name, width)] += 1
+        self.samples.append(((name, width), time.perf_counter() - start))
 
 
 @dataclass
@@ -142,7 +107,9 @@ def measure(
             samples += profiler.samples
         else:
             records[spec] = Measured(spec, runner(prompts))
-        log(f"  [{time.perf_counter() - started:6.1f} s] profiled {spec.label}")
+        first = getattr(runner, "first_call_s", None)
+        note = f" (first call {first:.1f} s)" if first is not None else ""
+        log(f"  [{time.perf_counter() - started:6.1f} s] profiled {spec.label}{note}")
     for index in range(repeats):
         for spec in specs[index % len(specs) :] + specs[: index % len(specs)]:
             _barrier()

@@ -10,6 +10,7 @@ baseline is a different runner over transformers' ``generate``.
 from __future__ import annotations
 
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -30,9 +31,17 @@ class MethodSpec:
     """``speculative``: tokens drafted per round."""
     draft_exit_depth: int | None = None
     """``speculative``: the exit that drafts."""
+    compiled: bool = False
+    """Layers run through ``torch.compile`` (``inference.lean.set_compile``)."""
 
     @property
     def label(self) -> str:
+        if self.compiled:
+            return f"{self._label} compiled"
+        return self._label
+
+    @property
+    def _label(self) -> str:
         if self.threshold is not None:
             return f"{self.method} {self.threshold:g}"
         if self.num_draft_tokens is not None:
@@ -46,10 +55,14 @@ def method_specs(
     num_draft_tokens: Sequence[int],
     draft_exit_depths: Sequence[int] | None,
     exit_depths: Sequence[int],
+    compiled: bool = False,
 ) -> list[MethodSpec]:
     """Every row to run, full decoding (the reference) first; ``methods`` are the CLI names
-    (``hf`` for the Hugging Face baseline)."""
+    (``hf`` for the Hugging Face baseline); ``compiled`` adds full decoding with compiled
+    layers."""
     specs = [MethodSpec("full")]
+    if compiled:
+        specs.append(MethodSpec("full", compiled=True))
     for method in methods:
         if method in ("recompute", "pipelined"):
             specs += [MethodSpec(method, threshold=t) for t in thresholds]
@@ -144,17 +157,28 @@ def engine_params(
 class EngineRunner:
     """Our ``generate`` with one row's settings, batch by batch."""
 
-    def __init__(self, model, params, batch_size: int):
+    def __init__(self, model, params, batch_size: int, compiled: bool = False):
         self.model, self.params, self.batch_size = model, params, batch_size
+        self.compiled = compiled
+        self.first_call_s: float | None = None
+        """Seconds of the first call (with ``compiled``: includes the compilation)."""
 
     def __call__(self, prompts: Sequence[Sequence[int]]) -> Outputs:
+        from megatron.early_exit.inference import lean
         from megatron.early_exit.inference.generate import generate
 
+        started = time.perf_counter()
         tokens, exit_depths = [], []
-        for batch in batches(prompts, self.batch_size):
-            for result in generate(self.model, batch, self.params):
-                tokens.append(result.tokens)
-                exit_depths.append(result.exit_depths)
+        lean.set_compile(self.compiled)
+        try:
+            for batch in batches(prompts, self.batch_size):
+                for result in generate(self.model, batch, self.params):
+                    tokens.append(result.tokens)
+                    exit_depths.append(result.exit_depths)
+        finally:
+            lean.set_compile(False)
+        if self.first_call_s is None:
+            self.first_call_s = time.perf_counter() - started
         return Outputs(tokens, exit_depths)
 
 

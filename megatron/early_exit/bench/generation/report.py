@@ -41,6 +41,7 @@ def build_rows(
             "threshold": spec.threshold,
             "num_draft_tokens": spec.num_draft_tokens,
             "draft_exit_depth": spec.draft_exit_depth,
+            "compiled": spec.compiled,
             **common,
             "generated_tokens": tokens,
             "wall_seconds": wall,
@@ -150,6 +151,8 @@ def row_label(row: Mapping) -> str:
     label = row["method"]
     if row["num_draft_tokens"] is not None:
         label += f" k={row['num_draft_tokens']} d={row['draft_exit_depth']}"
+    if row.get("compiled"):
+        label += " compiled"
     return label
 
 
