@@ -109,8 +109,8 @@ def _server_stream_checks(model) -> dict:
     from megatron.early_exit.data.tokenizers import build_tokenizer
     from megatron.early_exit.inference import generate as generate_module
     from megatron.early_exit.server.engine_generator import EngineGenerator
+    from megatron.early_exit.server.generator import PromptCompletion, TokenEvent
     from megatron.early_exit.server.protocol import GenerationRequest
-    from megatron.early_exit.server.service import PromptCompletion, TokenEvent
 
     steps = []
     original = generate_module.Decoder.step

@@ -233,6 +233,20 @@ def test_logprob_alternatives_and_print_max_prob(client):
     expected = {str(d): pytest.approx(d / (NUM_LAYERS + 1)) for d in EXITS}
     assert answer["max_probs"] == [[expected] * 3]
     assert test_client.put("/api", json={"prompts": ["ab"]}).json()["max_probs"] is None
+    speculative = {**body, "early_exit_method": "speculative"}
+    error = error_of(test_client.put("/api", json=speculative))
+    assert error["field"] == "print_max_prob" and "speculative" in error["message"]
+
+
+def test_alternatives_refused_where_the_engine_cannot_give_them(client):
+    test_client, fake = client
+    fake.reports_top_logprobs = False  # as a pipeline-parallel engine
+    try:
+        body = {"prompt": "ab", "max_tokens": 3, "logprobs": 2}
+        error = error_of(test_client.post("/v1/completions", json=body))
+        assert error["field"] == "logprobs" and "alternatives" in error["message"]
+    finally:
+        del fake.reports_top_logprobs
 
 
 def test_tokenizer_routes(client):
