@@ -535,3 +535,24 @@ def test_a_queued_stream_of_a_departed_client_is_dropped(live):
         assert time.monotonic() < deadline, "the departed stream's request was not dropped"
         time.sleep(0.02)
     assert not any("gone-stream" in p for call in fake.calls for p in call.prompts)
+
+
+def test_a_model_without_exits_refuses_early_exit_methods_with_400():
+    """Issue 15 defect 7: a speculative request to a model without exits was a 500."""
+    from types import SimpleNamespace
+
+    from megatron.early_exit.server.engine_generator import EngineGenerator
+
+    config = SimpleNamespace(pipeline_model_parallel_size=1, exit_heads=(), num_layers=NUM_LAYERS)
+    model = SimpleNamespace(config=config, max_sequence_length=64)
+    generator = EngineGenerator(model, FakeGenerator(num_layers=NUM_LAYERS).tokenizer)
+    assert generator.decoding_methods == ("auto",)
+    service = GenerationService(generator, LIMITS, model_name="no-exits")
+    try:
+        with TestClient(create_app(service)) as test_client:
+            body = {"prompt": "ab", "max_tokens": 2,
+                    "early_exit": {"threshold": 0.5, "method": "speculative"}}  # fmt: skip
+            error = error_of(test_client.post("/v1/completions", json=body))
+    finally:
+        service.close()
+    assert error["field"] == "early_exit.method" and "speculative" in error["message"]
