@@ -14,7 +14,7 @@ are gathered over tensor parallelism, so every TP rank sees the same logits and 
 
 Layers, exits and heads run as :mod:`lean` functions over the model's own parameters (tested
 equal to megatron-core's modules). Multi-token chunks and padded batches get one explicit
-``[b, 1, n, offset + n]`` bool mask per step (``StepTables.mask``); RoPE tables are built once
+``[b, 1, n, offset + n]`` additive mask per step (``StepTables.mask``); RoPE tables are built once
 per request with per-row positions, so left-padded rows get their own positions.
 
 With pipeline parallelism (``Engine(model, pipeline_stage=True)``) the engine runs one stage's

@@ -309,9 +309,10 @@ class _Recorder:
         active = active.clone()
         columns = _Columns(emitted)
         for column in range(emitted.tokens.shape[1]):
-            if not active.any():
+            rows = [row for row, on in enumerate(active.tolist()) if on]
+            if not rows:
                 break
-            for row in active.nonzero().flatten().tolist():
+            for row in rows:
                 columns.append_to(self.rows[row], row, column)
             active &= ~self.stop.update(emitted.tokens[:, column], self._texts())
             self.num_columns += 1
@@ -340,8 +341,9 @@ class _Recorder:
         return len(self.rows[row]["tokens"]) if num_tokens is None else num_tokens
 
     def _texts(self) -> list[str]:
+        """Each row's generated text, for the stop checks (empty when nothing can stop a row)."""
         detokenize = self.params.detokenize
-        if detokenize is None:
+        if detokenize is None or not (self.stop.stop_strings or len(self.stop.eos_token_ids)):
             return [""] * len(self.rows)
         return [detokenize(record["tokens"]) for record in self.rows]
 
@@ -388,5 +390,8 @@ class _Columns:
         if self.top is not None:
             ids, values = self.top[0][row][column], self.top[1][row][column]
             record["top"].append(list(zip(ids, values, strict=True)))
+        if not self.max_probs:
+            record["max_probs"].append({})
+            return
         probs = {d: p[row][column] for d, p in self.max_probs.items()}
         record["max_probs"].append({d: p for d, p in probs.items() if p == p})  # drop NaN

@@ -2,8 +2,9 @@
 
 Megatron-core's modules are built for training (bias-dropout-add handlers, activation offload,
 inference contexts, unfused attention); calling them per decode step costs several times the
-arithmetic of a small model. This module reads the *same* parameter tensors (never copies) out of
-an :class:`EarlyExitGPTModel` once and runs a layer as a handful of torch calls:
+arithmetic of a small model. This module reads the *same* parameter tensors out of an
+:class:`EarlyExitGPTModel` once (on CPU it also keeps one transposed copy of each weight matrix,
+see :class:`Linear`) and runs a layer as a handful of torch calls:
 
 * one QKV matmul, split as megatron splits it (``[.., ng, (np/ng + 2) * hn]``, group-major);
 * RoPE on the new positions only, from per-row ``cos``/``sin`` tables built once per request
@@ -11,9 +12,10 @@ an :class:`EarlyExitGPTModel` once and runs a layer as a handful of torch calls:
 * K/V in our own buffers ``[b, groups/tp, max_seq, hn]`` (:class:`LeanKV`), the layout
   ``scaled_dot_product_attention`` reads; GQA folds a group's query heads into the query length
   (``[b, g, r * n, hn]``), so keys are never repeated;
-* fused SDPA over the filled length ``[0, start + n)`` with an explicit bool mask only when the
-  chunk needs one (padded rows, or several queries: prefill, catch-up, speculative verify), built
-  once per step and shared by every layer;
+* fused SDPA over the filled length ``[0, start + n)`` with an explicit additive mask (0 / -inf,
+  the numbers SDPA makes of a bool mask) only when the chunk needs one (padded rows, or several
+  queries: prefill, catch-up, speculative verify), built once per step and shared by every
+  layer; a decode step of a padded batch slices it from a per-request padding mask;
 * norms (LayerNorm / RMSNorm, qk-layernorm included) and the MLP (GeLU, gated SwiGLU) as
   functional calls; residual adds in megatron's order (``residual + (out + bias)``).
 
@@ -29,6 +31,8 @@ families, TP=1/2, padded batches, catch-up chunks and speculative verification a
 
 from __future__ import annotations
 
+import functools
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -104,6 +108,50 @@ def _layer_norm_of(norm_module, linear, config) -> Norm:
     return fused if fused is not None else read_norm(norm_module, config)
 
 
+_TRANSPOSED: dict[int, tuple] = {}
+
+
+def transposed(weight: torch.Tensor) -> torch.Tensor:
+    """``weight.t()`` as a contiguous tensor ``[in, out]``, made once per parameter and kept
+    until the parameter changes (an in-place update bumps its version) or dies."""
+    version = 0 if weight.is_inference() else weight._version
+    key = (version, weight.data_ptr(), tuple(weight.shape), weight.dtype, weight.device)
+    entry = _TRANSPOSED.get(id(weight))
+    if entry is None or entry[0]() is not weight or entry[1] != key:
+        with torch.no_grad():
+            copy = weight.detach().t().contiguous()
+        ref = weakref.ref(weight, functools.partial(_forget, id(weight)))
+        entry = _TRANSPOSED[id(weight)] = (ref, key, copy)
+    return entry[2]
+
+
+def _forget(key: int, _ref) -> None:
+    _TRANSPOSED.pop(key, None)
+
+
+class Linear:
+    """``F.linear(x, weight, bias)`` (``bias`` may be None).
+
+    On CPU the weight is held transposed (:func:`transposed`, ``[in, out]`` contiguous): a
+    decode step's products are tiny (``[b, h] @ [h, out]``) and MKL runs them faster from a
+    contiguous ``[in, out]`` operand than from the transposed view ``F.linear`` passes (the demo
+    model's final head, ``[12, 128] @ [128, 8064]``: about 0.8x the time; at one row 0.6x), with
+    the same products (MKL's matrix-vector kernel may round a last bit differently at one row).
+    The copies cost the weights' memory once more. Elsewhere (CUDA) plain ``F.linear``."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        self.weight, self.bias = weight, bias
+        self.weight_t = transposed(weight) if weight.device.type == "cpu" else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_t is None:
+            return F.linear(x, self.weight, self.bias)
+        if self.bias is None:
+            return torch.matmul(x, self.weight_t)
+        out = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight_t)
+        return out.view(*x.shape[:-1], self.weight_t.shape[-1])
+
+
 def _bias(linear) -> torch.Tensor | None:
     bias = getattr(linear, "bias", None)
     return bias if isinstance(bias, torch.Tensor) and bias.numel() else None
@@ -135,29 +183,27 @@ class MLP:
     """Megatron's MLP: column-parallel ``fc1`` (gated: ``[gate; up]`` per rank), activation,
     row-parallel ``fc2`` whose bias is returned apart, as megatron returns it."""
 
-    fc1_weight: torch.Tensor
-    fc1_bias: torch.Tensor | None
-    fc2_weight: torch.Tensor
+    fc1: Linear
+    fc2: Linear
     fc2_bias: torch.Tensor | None
     activation: object
     gated: bool
     tp: TensorParallel
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        hidden = F.linear(x, self.fc1_weight, self.fc1_bias)
+        hidden = self.fc1(x)
         if self.gated:
             gate, up = torch.chunk(hidden, 2, dim=-1)
             hidden = self.activation(gate) * up
         else:
             hidden = self.activation(hidden)
-        return self.tp.all_reduce(F.linear(hidden, self.fc2_weight)), self.fc2_bias
+        return self.tp.all_reduce(self.fc2(hidden)), self.fc2_bias
 
 
 def read_mlp(mlp, config, tp: TensorParallel) -> MLP:
     return MLP(
-        mlp.linear_fc1.weight,
-        _bias(mlp.linear_fc1),
-        mlp.linear_fc2.weight,
+        Linear(mlp.linear_fc1.weight, _bias(mlp.linear_fc1)),
+        Linear(mlp.linear_fc2.weight),
         _bias(mlp.linear_fc2),
         config.activation_func,
         bool(config.gated_linear_unit),
@@ -174,25 +220,35 @@ def _add_residual(residual, out_and_bias) -> torch.Tensor:
 
 
 class StepTables:
-    """Per-request, per-row tables, built once: position ids and RoPE ``cos``/``sin``.
+    """Per-request, per-row tables, built once: position ids, RoPE ``cos``/``sin`` and the
+    padding mask of one-query steps.
 
     ``positions[b, max_seq]`` is ``slot - pad`` clamped at 0 (left padding); ``cos``/``sin`` are
-    ``[max_seq, b, rot]`` from megatron's own rotary table (rotary percent and scaling included).
-    Masks are built once per step (see :meth:`mask`) and shared by every layer of the step.
+    ``[max_seq, b, rot]`` from megatron's own rotary table (rotary percent and scaling included),
+    ``sin`` with the sign of ``rotate_half`` folded into its first half (see :func:`apply_rope`).
+    Masks are additive (0 = attend, ``-inf`` = hidden, what SDPA turns a bool mask into, so the
+    numbers are the same), built once per step (see :meth:`mask`) and shared by every layer.
     """
 
     def __init__(self, model, pad_lengths: torch.Tensor, max_sequence_length: int, device):
         pads = pad_lengths.long().to(device)
         self.pad_lengths = pads
         self.any_padding = bool(pad_lengths.any())
+        self.max_padding = int(pad_lengths.max()) if len(pad_lengths) else 0
+        self.dtype = model.config.params_dtype  # of the additive masks (the queries' dtype)
         slots = torch.arange(max_sequence_length, device=device)
         self.positions = (slots.unsqueeze(0) - pads.unsqueeze(1)).clamp(min=0)  # [b, s]
         self.cos = self.sin = None
         if getattr(model, "position_embedding_type", "") == "rope":
             table = model.rotary_pos_emb(max_sequence_length)  # [s, 1, 1, rot]
             freqs = table[:, 0, 0].to(device)[self.positions.t()]  # [s, b, rot]
-            dtype = model.config.params_dtype
-            self.cos, self.sin = freqs.cos().to(dtype), freqs.sin().to(dtype)
+            self.cos, sin = freqs.cos().to(self.dtype), freqs.sin().to(self.dtype)
+            half = sin.shape[-1] // 2
+            self.sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        self._padding_mask = None  # [b, 1, 1, max_seq]: 0 at a row's tokens, -inf at padding
+        if self.any_padding:
+            visible = slots.unsqueeze(0) >= pads.unsqueeze(1)
+            self._padding_mask = _additive(visible, self.dtype)[:, None, None]
         self._masks: dict[tuple[int, int], torch.Tensor | None] = {}
 
     def new_step(self) -> None:
@@ -206,7 +262,7 @@ class StepTables:
         return self.cos[start:end, :, None, None], self.sin[start:end, :, None, None]
 
     def mask(self, start: int, num_positions: int) -> torch.Tensor | None:
-        """``[b, 1, n, start + n]`` bool, True = attend, or None when plain attention to every
+        """``[b, 1, n, start + n]`` additive (0 = attend), or None when plain attention to every
         filled key is right (one query and no padding). Causal; padding keys hidden, except a
         padding query sees itself so no softmax row is empty."""
         key = (start, num_positions)
@@ -217,20 +273,32 @@ class StepTables:
     def _build_mask(self, start: int, num_positions: int) -> torch.Tensor | None:
         if num_positions == 1 and not self.any_padding:
             return None
-        device = self.pad_lengths.device
         end = start + num_positions
+        if num_positions == 1 and start >= self.max_padding:  # a decode step: padding only
+            return self._padding_mask[..., :end]
+        device = self.pad_lengths.device
         query = torch.arange(start, end, device=device).view(1, -1, 1)
         key = torch.arange(end, device=device).view(1, 1, -1)
         visible = (key <= query) & ((key >= self.pad_lengths.view(-1, 1, 1)) | (key == query))
-        return visible.unsqueeze(1)  # [b, 1, n, end]
+        return _additive(visible, self.dtype).unsqueeze(1)  # [b, 1, n, end]
+
+
+def _additive(visible: torch.Tensor, dtype) -> torch.Tensor:
+    """A bool mask (True = attend) as SDPA's additive mask: 0 or ``-inf``."""
+    mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+    return mask.masked_fill_(~visible, float("-inf"))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Megatron's non-interleaved RoPE on ``x[..., hn]`` (the first ``rot`` dims rotate)."""
+    """Megatron's non-interleaved RoPE on ``x[..., hn]`` (the first ``rot`` dims rotate):
+    ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = [-x2, x1]``, computed as
+    ``[x2, x1] * sin'`` where ``sin'`` carries the minus sign (:class:`StepTables`; the same
+    numbers: negating is exact)."""
     rot = cos.shape[-1]
     x_rot, x_pass = (x, None) if rot == x.shape[-1] else (x[..., :rot], x[..., rot:])
-    x1, x2 = torch.chunk(x_rot, 2, dim=-1)
-    rotated = x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin
+    half = rot // 2
+    swapped = torch.cat((x_rot[..., half:], x_rot[..., :half]), dim=-1)
+    rotated = x_rot * cos + swapped * sin
     return rotated if x_pass is None else torch.cat((rotated, x_pass), dim=-1)
 
 
@@ -272,9 +340,8 @@ class Layer:
         self.layer_number = int(layer.layer_number)
         self.input_norm = _layer_norm_of(layer.input_layernorm, attention.linear_qkv, config)
         self.pre_mlp_norm = _layer_norm_of(layer.pre_mlp_layernorm, layer.mlp.linear_fc1, config)
-        self.qkv_weight = attention.linear_qkv.weight
-        self.qkv_bias = _bias(attention.linear_qkv)
-        self.proj_weight = attention.linear_proj.weight
+        self.qkv = Linear(attention.linear_qkv.weight, _bias(attention.linear_qkv))
+        self.proj = Linear(attention.linear_proj.weight)  # its bias is added after the reduce
         self.proj_bias = _bias(attention.linear_proj)
         self.num_heads = attention.num_attention_heads_per_partition
         self.num_groups = attention.num_query_groups_per_partition
@@ -308,7 +375,7 @@ def layer_step(layer: Layer, hidden, keys, values, start: int, rope, mask) -> to
     n, b = x.shape[:2]
     g, hn = layer.num_groups, layer.head_dim
     r = layer.num_heads // g
-    mixed = F.linear(x, layer.qkv_weight, layer.qkv_bias).view(n, b, g, r + 2, hn)
+    mixed = layer.qkv(x).view(n, b, g, r + 2, hn)
     query_key, value = mixed[:, :, :, : r + 1], mixed[:, :, :, r + 1]  # per group: r queries, key
     if layer.q_norm is not None or layer.k_norm is not None:
         query, key = mixed[:, :, :, :r], mixed[:, :, :, r : r + 1]
@@ -331,7 +398,7 @@ def layer_step(layer: Layer, hidden, keys, values, start: int, rope, mask) -> to
         query, keys[:, :, :end], values[:, :, :end], attn_mask=mask, scale=layer.scale
     )  # [b, g, r * n, hn] = [b, np, n, hn]
     context = context.reshape(b, g * r, n, hn).permute(2, 0, 1, 3).reshape(n, b, g * r * hn)
-    attention = layer.tp.all_reduce(F.linear(context, layer.proj_weight))
+    attention = layer.tp.all_reduce(layer.proj(context))
     hidden = _add_residual(hidden, (attention, layer.proj_bias))
     return _add_residual(hidden, layer.mlp(layer.pre_mlp_norm(hidden)))
 
@@ -421,23 +488,24 @@ class LeanModel:
             hidden = hidden + F.embedding(positions, embedding.position_embeddings.weight)
         return hidden.transpose(0, 1)
 
-    def _final_weight(self) -> torch.Tensor | None:
+    def _final_weight(self) -> Linear | None:
         model = self.model
         if not model.post_process:
             return None
         if model.share_embeddings_and_output_weights:
-            return model.shared_embedding_or_output_weight()
-        return model.output_layer.weight
+            return Linear(model.shared_embedding_or_output_weight())
+        return Linear(model.output_layer.weight)
 
-    def _exit_weight(self, exit_config) -> torch.Tensor:
+    def _exit_weight(self, exit_config) -> Linear:
         if exit_config.untied:
-            return self.model.exit_heads[exit_config.key].output_layer.weight
-        return self.model.tied_exit_weight()
+            return Linear(self.model.exit_heads[exit_config.key].output_layer.weight)
+        return Linear(self.model.tied_exit_weight())
 
-    def project(self, states: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """``states[m, b, h]`` -> float32 logits ``[b, m, V]``, gathered over TP."""
-        logits = self.tp.gather_last(F.linear(states.transpose(0, 1), weight))
-        return logits.float()
+    def project(self, states: torch.Tensor, head: Linear) -> torch.Tensor:
+        """``states[m, b, h]`` -> float32 logits ``[b, m, V]`` through ``head`` (``final_weight``,
+        ``exit_weights``), gathered over TP. Projected in ``[m, b]`` order (contiguous rows)."""
+        logits = self.tp.gather_last(head(states)).float().transpose(0, 1)
+        return logits if logits.shape[1] == 1 else logits.contiguous()
 
 
 class _ExitTransform:

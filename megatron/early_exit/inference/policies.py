@@ -84,10 +84,10 @@ class RowSampler:
         draw from their generators (the others' entries are unspecified); ``step``: index of the
         token being drawn (reseeds the rows' generators, see above)."""
         logits = logits.float()
-        if self.greedy:  # one max pass gives the token and the log-softmax's shift
-            chosen, tokens = logits.max(dim=-1)
-            shifted = (logits - chosen.unsqueeze(-1)).exp_().sum(dim=-1)
-            logprobs = -torch.log(shifted)  # log-softmax of the max: max - logsumexp
+        if self.greedy:  # the argmax and its log-softmax (both vectorised single passes)
+            tokens = logits.argmax(dim=-1)
+            log_probs = torch.log_softmax(logits, dim=-1)
+            logprobs = log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         else:
             log_probs = sampling_logprobs(logits.cpu(), self.temperature, self.top_k, self.top_p)
             probs = log_probs.exp()
