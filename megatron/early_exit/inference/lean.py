@@ -146,9 +146,11 @@ class Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight_t is None:
             return F.linear(x, self.weight, self.bias)
+        rows = x.reshape(-1, x.shape[-1])  # always one mm (matmul may pick bmm by strides)
         if self.bias is None:
-            return torch.matmul(x, self.weight_t)
-        out = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight_t)
+            out = torch.mm(rows, self.weight_t)
+        else:
+            out = torch.addmm(self.bias, rows, self.weight_t)
         return out.view(*x.shape[:-1], self.weight_t.shape[-1])
 
 
@@ -249,7 +251,7 @@ class StepTables:
         if self.any_padding:
             visible = slots.unsqueeze(0) >= pads.unsqueeze(1)
             self._padding_mask = _additive(visible, self.dtype)[:, None, None]
-        self._masks: dict[tuple[int, int], torch.Tensor | None] = {}
+        self._masks: dict[tuple, object] = {}  # this step's masks and RoPE slices
 
     def new_step(self) -> None:
         self._masks.clear()
@@ -259,7 +261,13 @@ class StepTables:
         to broadcast over the ``[n, b, groups, heads, hn]`` query/key layout."""
         if self.cos is None:
             return None
-        return self.cos[start:end, :, None, None], self.sin[start:end, :, None, None]
+        key = ("rope", start, end)  # shared by the step's layers, like the masks
+        if key not in self._masks:
+            self._masks[key] = (
+                self.cos[start:end, :, None, None],
+                self.sin[start:end, :, None, None],
+            )
+        return self._masks[key]
 
     def mask(self, start: int, num_positions: int) -> torch.Tensor | None:
         """``[b, 1, n, start + n]`` additive (0 = attend), or None when plain attention to every
