@@ -135,7 +135,7 @@ class Linear:
     On CPU the weight is held transposed (:func:`transposed`, ``[in, out]`` contiguous): a
     decode step's products are tiny (``[b, h] @ [h, out]``) and MKL runs them faster from a
     contiguous ``[in, out]`` operand than from the transposed view ``F.linear`` passes (the demo
-    model's final head, ``[12, 128] @ [128, 8064]``: about 0.8x the time; at one row 0.6x), with
+    model's final head, ``[12, 128] @ [128, 8064]``: 0.65-0.9x the time; at one row 0.6x), with
     the same products (MKL's matrix-vector kernel may round a last bit differently at one row).
     The copies cost the weights' memory once more. Elsewhere (CUDA) plain ``F.linear``."""
 
