@@ -29,3 +29,16 @@ def test_transposed_copy_is_cached_and_follows_in_place_updates():
     with torch.no_grad():
         weight.copy_(torch.zeros(8, 4))
     assert torch.equal(Linear(weight)(torch.ones(1, 4)), torch.zeros(1, 8))
+
+
+def test_transposed_copy_follows_updates_that_bypass_the_version_counter():
+    """Megatron's distributed optimizer writes parameters through their buffers (``.data``
+    views): the version does not move, the copy must follow anyway."""
+    weight = torch.nn.Parameter(torch.randn(8, 4))
+    first = transposed(weight)
+    version = weight._version
+    weight.data.copy_(torch.randn(8, 4))
+    assert weight._version == version
+    assert torch.equal(transposed(weight), weight.detach().t())
+    assert torch.equal(Linear(weight)(torch.eye(4)), weight.detach().t())
+    assert not torch.equal(transposed(weight), first)

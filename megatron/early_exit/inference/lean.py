@@ -112,12 +112,19 @@ _TRANSPOSED: dict[int, tuple] = {}
 
 
 def transposed(weight: torch.Tensor) -> torch.Tensor:
-    """``weight.t()`` as a contiguous tensor ``[in, out]``, made once per parameter and kept
-    until the parameter changes (an in-place update bumps its version) or dies."""
+    """``weight.t()`` as a contiguous tensor ``[in, out]``, made once per parameter and reused
+    while it still equals the parameter: every call compares the two (a read of both, about a
+    third of a fresh copy's cost), because updates through ``.data`` or through megatron's
+    parameter buffers change a parameter without bumping its version counter."""
     version = 0 if weight.is_inference() else weight._version
     key = (version, weight.data_ptr(), tuple(weight.shape), weight.dtype, weight.device)
     entry = _TRANSPOSED.get(id(weight))
-    if entry is None or entry[0]() is not weight or entry[1] != key:
+    if (
+        entry is None
+        or entry[0]() is not weight
+        or entry[1] != key
+        or not torch.equal(entry[2].t(), weight.detach())
+    ):
         with torch.no_grad():
             copy = weight.detach().t().contiguous()
         ref = weakref.ref(weight, functools.partial(_forget, id(weight)))
@@ -137,7 +144,8 @@ class Linear:
     contiguous ``[in, out]`` operand than from the transposed view ``F.linear`` passes (the demo
     model's final head, ``[12, 128] @ [128, 8064]``: 0.65-0.9x the time; at one row 0.6x), with
     the same products (MKL's matrix-vector kernel may round a last bit differently at one row).
-    The copies cost the weights' memory once more. Elsewhere (CUDA) plain ``F.linear``."""
+    The copies cost the weights' memory once more, and each :class:`LeanModel` (each request)
+    checks them against the parameters. Elsewhere (CUDA) plain ``F.linear``."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.weight, self.bias = weight, bias
