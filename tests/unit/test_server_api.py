@@ -556,3 +556,17 @@ def test_a_model_without_exits_refuses_early_exit_methods_with_400():
     finally:
         service.close()
     assert error["field"] == "early_exit.method" and "speculative" in error["message"]
+
+
+def test_grown_text_releases_a_split_character_whole():
+    """Streaming decodes the growing text token by token: a character whose UTF-8 bytes span two
+    tokens is released with the token that completes it, never as a replacement character."""
+    from megatron.early_exit.server.text import _prefix_pieces, grown_text
+
+    tokenizer = FakeGenerator(num_layers=NUM_LAYERS).tokenizer
+    ids = tokenizer.tokenize("aé")  # bytes: a, 0xC3, 0xA9
+    assert len(ids) == 3
+    assert grown_text(tokenizer, ids[:1], "") == "a"
+    assert grown_text(tokenizer, ids[:2], "a") is None  # inside the character: nothing yet
+    assert grown_text(tokenizer, ids[:3], "a") == "aé"
+    assert _prefix_pieces(tokenizer, ids) == ["a", "", "é"]

@@ -27,7 +27,7 @@ from megatron.early_exit.server.generator import (
     engine_prompt_ids,
 )
 from megatron.early_exit.server.protocol import GenerationRequest
-from megatron.early_exit.server.text import token_pieces
+from megatron.early_exit.server.text import grown_text, token_pieces
 
 
 class EngineGenerator:
@@ -126,13 +126,10 @@ class EngineGenerator:
             for index, new_tokens in enumerate(update.tokens):
                 for position, token_id in enumerate(new_tokens):
                     tokens[index].append(token_id)
-                    # The growth of the whole text: a character split over tokens arrives whole
-                    # with the token that completes it (its earlier tokens stream as "").
-                    text = self._tokenizer.detokenize(tokens[index])
-                    if text.endswith("\ufffd"):
-                        piece = ""
-                    else:
-                        piece, texts[index] = text[len(texts[index]) :], text
+                    # A character split over tokens arrives whole with the token completing it.
+                    text = grown_text(self._tokenizer, tokens[index], texts[index])
+                    piece = "" if text is None else text[len(texts[index]) :]
+                    texts[index] = texts[index] if text is None else text
                     yield self._event(update, index, position, token_id, piece, params)
 
     def _event(self, update, index, position, token_id, piece, params) -> TokenEvent:

@@ -39,13 +39,25 @@ def token_pieces(tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:
     return pieces
 
 
+def grown_text(
+    tokenizer: Tokenizer, ids: Sequence[int], previous: str, *, last: bool = False
+) -> str | None:
+    """The decoded text of ``ids`` if it extends ``previous`` (the text released so far) and
+    does not end inside a character (unless ``last``); else None: release nothing yet. Used
+    token by token when streaming, and by the exact fallback of :func:`token_pieces`."""
+    text = tokenizer.detokenize(ids)
+    if text.startswith(previous) and not (text.endswith(_REPLACEMENT) and not last):
+        return text
+    return None
+
+
 def _prefix_pieces(tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:
     """Pieces by re-decoding every prefix (the exact, O(n^2) fallback of ``token_pieces``): a
     prefix whose text does not extend the text so far contributes nothing until one does."""
     pieces, previous = [], ""
     for count in range(1, len(ids) + 1):
-        text = tokenizer.detokenize(ids[:count])
-        if text.startswith(previous) and not (text.endswith(_REPLACEMENT) and count < len(ids)):
+        text = grown_text(tokenizer, ids[:count], previous, last=count == len(ids))
+        if text is not None:
             pieces.append(text[len(previous) :])
             previous = text
         else:
