@@ -32,7 +32,7 @@ import pytest
 
 from megatron.early_exit.launch import free_port
 from tests.distributed.harness import run_distributed
-from tests.distributed.test_server_script import ROOT, TRAIN, _request, _serve
+from tests.distributed.test_server_script import ROOT, _request, _serve, _train
 
 TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
@@ -80,12 +80,7 @@ def _lm_eval_texts() -> list[str]:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     work = tmp_path_factory.mktemp("openai_server")
-    trained = subprocess.run(
-        [sys.executable, str(ROOT / "pretrain_early_exit_gpt.py"), *TRAIN.split(),
-         "--save", str(work / "ckpt")],
-        cwd=work, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
-    assert trained.returncode == 0, trained.stderr[-3000:]
+    _train(work / "ckpt")
     (work / "chat.jinja").write_text(TEMPLATE)
     flags = f"--chat-template {work / 'chat.jinja'} --model-name tiny"
     reference = run_distributed(

@@ -76,15 +76,21 @@ def _answers(url: str) -> dict:
     }
 
 
+def _train(save_dir) -> None:
+    """Train the tiny served checkpoint (``TRAIN``) into ``save_dir``."""
+    trained = subprocess.run(
+        [sys.executable, str(ROOT / "pretrain_early_exit_gpt.py"), *TRAIN.split(),
+         "--save", str(save_dir)],
+        cwd=save_dir.parent, capture_output=True, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("server_script")
-    trained = subprocess.run(
-        [sys.executable, str(ROOT / "pretrain_early_exit_gpt.py"), *TRAIN.split(),
-         "--save", str(work / "ckpt")],
-        cwd=work, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
-    assert trained.returncode == 0, trained.stderr[-3000:]
+    _train(work / "ckpt")
     out = {}
     for name, launcher in {
         "pp1": (sys.executable, ""),
