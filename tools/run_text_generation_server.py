@@ -42,6 +42,21 @@ def parse_args() -> argparse.Namespace:
         "--max-queued-requests", type=int, default=ServerLimits.max_queued_requests,
         help="requests waiting or running; one more is answered 503",
     )  # fmt: skip
+    parser.add_argument(
+        "--max-request-seconds", type=float, default=ServerLimits.max_request_seconds,
+        help="longest a request may wait and run before it is stopped with 504 "
+        "(continuous batching)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--batching", choices=("auto", "continuous", "serial"), default="auto",
+        help="continuous: concurrent requests join one running batch between decode steps (one "
+        "process); serial: one request at a time (what multi-process servers do); auto: "
+        "continuous in one process, else serial",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-batch-rows", type=int, default=64,
+        help="continuous batching: most prompts decoding at once (more wait)",
+    )  # fmt: skip
     parser.add_argument("--max-connections", type=int, default=64, help="503 beyond this")
     parser.add_argument(
         "--header-timeout", type=float, default=10.0,
@@ -71,7 +86,21 @@ def parallel_layout(args, world_size: int) -> tuple[int, int]:
     return tp, pp
 
 
-def build_generator(args, tensor_parallel_size: int, pipeline_parallel_size: int = 1):
+def continuous_batching(args, world_size: int) -> bool:
+    """Whether ``--batching`` asks for continuous batching (only in one process)."""
+    if args.batching == "continuous" and world_size > 1:
+        raise SystemExit(
+            f"--batching continuous needs one process (got {world_size}): the ranks of a "
+            "multi-process server decode one request at a time; use --batching serial or auto"
+        )
+    if args.max_batch_rows < 1:
+        raise SystemExit(f"--max-batch-rows must be >= 1, got {args.max_batch_rows}")
+    return args.batching == "continuous" or (args.batching == "auto" and world_size == 1)
+
+
+def build_generator(
+    args, tensor_parallel_size: int, pipeline_parallel_size: int = 1, continuous: bool = False
+):
     """Initialise the platform for the layout, load ``--load`` into this rank's slice."""
     from megatron.early_exit.checkpoint.loading import Layout, load_for_inference
     from megatron.early_exit.server.engine_generator import EngineGenerator
@@ -81,7 +110,10 @@ def build_generator(args, tensor_parallel_size: int, pipeline_parallel_size: int
         loaded = load_for_inference(args.load, layout, tokenizer_model=args.tokenizer_model)
     except ValueError as error:
         raise SystemExit(str(error)) from None
-    return EngineGenerator(loaded.model, loaded.tokenizer, loaded.info.model["max_sequence_length"])
+    return EngineGenerator(
+        loaded.model, loaded.tokenizer, loaded.info.model["max_sequence_length"],
+        continuous=continuous, max_batch_rows=args.max_batch_rows,
+    )  # fmt: skip
 
 
 def main() -> None:
@@ -91,7 +123,8 @@ def main() -> None:
     from megatron.early_exit.server.worker_loop import run_ranks
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    generator = build_generator(args, *parallel_layout(args, world_size))
+    continuous = continuous_batching(args, world_size)
+    generator = build_generator(args, *parallel_layout(args, world_size), continuous=continuous)
     try:
         limits = ServerLimits(
             max_prompts=args.max_prompts,
@@ -100,6 +133,7 @@ def main() -> None:
             max_body_bytes=args.max_body_bytes,
             max_request_tokens=args.max_request_tokens,
             max_queued_requests=args.max_queued_requests,
+            max_request_seconds=args.max_request_seconds,
         )
     except ValueError as error:
         raise SystemExit(str(error)) from None
@@ -109,8 +143,11 @@ def main() -> None:
         serve(create_app(service), args.host, args.port, header_timeout_s=args.header_timeout,
               max_connections=args.max_connections)  # fmt: skip
 
-    run_ranks(generator, serve_service, limits=limits, chat_template=chat_template,
-              model_name=args.model_name or Path(args.load).name)  # fmt: skip
+    try:
+        run_ranks(generator, serve_service, limits=limits, chat_template=chat_template,
+                  model_name=args.model_name or Path(args.load).name)  # fmt: skip
+    finally:
+        generator.close()
     platform.destroy()
 
 

@@ -204,9 +204,7 @@ class FirstExit(NamedTuple):
     """``LongTensor[b]``: its position in the exit list; ``len(depths)`` for the final head."""
 
 
-def first_exit(
-    depths: Sequence[int], fired: Sequence[torch.Tensor], final_depth: int
-) -> FirstExit:
+def first_exit(depths: Sequence[int], fired: Sequence[torch.Tensor], final_depth: int) -> FirstExit:
     """Apply "first qualifying exit wins" to each row, vectorised.
 
     Args:

@@ -195,6 +195,28 @@ class Engine:
             logits = self._final_logits(hidden, num_logits)
         return StepOutput(self.last_depth, logits, hidden)
 
+    @torch.no_grad()
+    def complete(self, cache: KVCache, exit_depths: Sequence[int] = ()) -> None:
+        """Push the cache's pending positions through the layers they skipped (and the block
+        exits among ``exit_depths`` past their depth), feeding no new token: afterwards every
+        position has K/V in every layer. The same computation the next full-depth step would
+        do as its catch-up (PP=1)."""
+        if not cache.filled_depths:
+            return
+        cache.tables.new_step()
+        start, hidden = cache.length, None
+        depths = set(exit_depths)
+        for depth in range(cache.filled_depths[-1] + 1, self.num_layers + 1):
+            first, pending = cache.catch_up(depth)
+            if pending is not None:
+                start, hidden = first, pending if hidden is None else torch.cat([pending, hidden])
+            layer = self.lean.layers[depth - 1]
+            hidden = probed("layer", hidden.shape[0], layer, hidden, cache.kv, start, cache.tables)
+            self.counts["layer_positions"] += hidden.shape[0]
+            if depth in depths:
+                self._exit_view(cache, depth, start, hidden, 1)  # a block exit writes its KV
+        cache.update(start, self.num_layers, hidden)
+
     def _join_pending(self, cache: KVCache, depth: int, start: int, hidden: torch.Tensor):
         """Prepend the pending positions that skipped layer ``depth`` (their catch-up)."""
         first, pending = cache.catch_up(depth)

@@ -161,7 +161,7 @@ class Decoder:
     """
 
     def __init__(self, model, params: GenerationParams):
-        _check_layout(model, params)
+        check_layout(model, params)
         if model.config.pipeline_model_parallel_size > 1:
             raise ValueError("with PP>1 decoding runs the pipeline (generate / generate_stream)")
         self.model = model
@@ -171,7 +171,7 @@ class Decoder:
         self.device = self.engine.device
 
     def prefill(self, prompts_token_ids: Sequence[Sequence[int]]) -> DecodeState:
-        state, self.cache = _initial_state(self.engine, prompts_token_ids, self.params)
+        state, self.cache = initial_state(self.engine, prompts_token_ids, self.params)
         state.emitted = self.step(state)
         return state
 
@@ -182,7 +182,7 @@ class Decoder:
         return emitted
 
 
-def _check_layout(model, params: GenerationParams) -> None:
+def check_layout(model, params: GenerationParams) -> None:
     pipelined = model.config.pipeline_model_parallel_size > 1
     if params.method == "pipelined" and not pipelined:
         raise ValueError("method 'pipelined' needs pipeline_model_parallel_size > 1")
@@ -195,7 +195,7 @@ def _check_layout(model, params: GenerationParams) -> None:
         raise ValueError("top_logprobs and exit_max_probs are not available with PP>1")
 
 
-def _initial_state(engine: Engine, prompts_token_ids, params: GenerationParams):
+def initial_state(engine: Engine, prompts_token_ids, params: GenerationParams):
     """``(DecodeState, KVCache)`` of a new request: padded prompts, cache, per-row samplers."""
     tokens, pad_lengths = left_pad(prompts_token_ids, params.pad_token_id)
     # The last generated token is never fed: positions up to width + max_new_tokens - 2 are.
@@ -255,11 +255,11 @@ def _decode(model, prompts_token_ids, params: GenerationParams, stream: bool):
 
 def _decode_steps(model, prompts_token_ids, params: GenerationParams, stream: bool):
     model.eval()
-    _check_layout(model, params)
-    recorder = _Recorder(len(prompts_token_ids), params)
+    check_layout(model, params)
+    recorder = Recorder(len(prompts_token_ids), params)
     if model.config.pipeline_model_parallel_size > 1:
         engine = Engine(model, pipeline_stage=True)
-        state, cache = _initial_state(engine, prompts_token_ids, params)
+        state, cache = initial_state(engine, prompts_token_ids, params)
         exit_depths = _pipeline_exit_depths(model, params)
         steps = stream_pipelined(engine, cache, state, recorder, exit_depths, params.exit_policy)
         for results in steps:
@@ -291,7 +291,7 @@ def _pipeline_exit_depths(model, params: GenerationParams) -> tuple[int, ...]:
     return tuple(d for d in depths if params.exit_policy.allows(d))
 
 
-class _Recorder:
+class Recorder:
     """Collects emitted tokens per row and applies EOS, stop strings and the length limit."""
 
     def __init__(self, batch_size: int, params: GenerationParams) -> None:

@@ -49,8 +49,10 @@ class Draw(NamedTuple):
 
 
 class RowSampler:
-    """Sampling settings of a request and one generator per row.
+    """Sampling settings and one generator per row.
 
+    Settings are per row (``temperature``, ``top_k``, ``top_p`` are ``[b]`` tensors), so rows of
+    different requests share one sampler in a continuous batch (:meth:`concat`, :meth:`select`).
     Batched: greedy rows take the argmax and its log-softmax value (a gather and a logsumexp, no
     sort); sampled rows get their tempered, top-k/top-p filtered distribution in one batched call,
     and only the final draw runs per row, from the row's own generator. Per-row generators make
@@ -58,47 +60,83 @@ class RowSampler:
     tokens batched or alone (given the same seed). ``sample(..., step=t)`` reseeds the row's
     generator from ``(seed, t)`` first, so the ``t``-th generated token's draw does not depend on
     which head or which pipeline stage sampled the tokens before it: the one-token-per-step
-    methods (full depth, KV recompute, pipelined) pass the token index and therefore sample
-    alike. Speculative decoding uses the running streams (``step=None``).
+    methods (full depth, KV recompute, pipelined) pass the token index (one for all rows, or a
+    ``[b]`` tensor where rows are at different tokens) and therefore sample alike. Speculative
+    decoding uses the running streams (``step=None``).
     """
 
     def __init__(
         self,
-        temperature: float,
-        top_k: int,
-        top_p: float,
+        temperature: float | torch.Tensor,
+        top_k: int | torch.Tensor,
+        top_p: float | torch.Tensor,
         seeds: Sequence[int],
         num_top_logprobs: int = 0,
+        generators: Sequence[torch.Generator] | None = None,
     ):
-        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        b = len(seeds)
+        self.temperature = torch.as_tensor(temperature, dtype=torch.float32).expand(b).clone()
+        self.top_k = torch.as_tensor(top_k, dtype=torch.long).expand(b).clone()
+        self.top_p = torch.as_tensor(top_p, dtype=torch.float32).expand(b).clone()
         self.seeds = [int(s) for s in seeds]
-        self.generators = [torch.Generator().manual_seed(s) for s in self.seeds]
+        if generators is None:
+            generators = [torch.Generator().manual_seed(s) for s in self.seeds]
+        self.generators = list(generators)
         self.num_top_logprobs = num_top_logprobs
+        self._greedy_rows = self.temperature == 0
+        self.greedy = bool(self._greedy_rows.all())
+        """Every row is greedy."""
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
+    @classmethod
+    def concat(cls, samplers: Sequence[RowSampler]) -> RowSampler:
+        """One sampler over the rows of ``samplers`` in order; generators are shared (not copied),
+        so each row's random stream goes on where it was."""
+        return cls(
+            torch.cat([s.temperature for s in samplers]),
+            torch.cat([s.top_k for s in samplers]),
+            torch.cat([s.top_p for s in samplers]),
+            [seed for s in samplers for seed in s.seeds],
+            max((s.num_top_logprobs for s in samplers), default=0),
+            [g for s in samplers for g in s.generators],
+        )
 
-    def sample(self, logits: torch.Tensor, rows: torch.Tensor, step: int | None = None) -> Draw:
+    def select(self, rows: Sequence[int]) -> RowSampler:
+        """The sampler of ``rows`` (indices), sharing their generators."""
+        index = torch.tensor(list(rows), dtype=torch.long)
+        return RowSampler(
+            self.temperature[index], self.top_k[index], self.top_p[index],
+            [self.seeds[r] for r in rows], self.num_top_logprobs,
+            [self.generators[r] for r in rows],
+        )  # fmt: skip
+
+    def sample(
+        self, logits: torch.Tensor, rows: torch.Tensor, step: int | torch.Tensor | None = None
+    ) -> Draw:
         """Tokens and log-probs ``[b]`` of ``logits[b, V]``; only the ``rows`` (bool ``[b]``)
         draw from their generators (the others' entries are unspecified); ``step``: index of the
-        token being drawn (reseeds the rows' generators, see above)."""
+        token being drawn, one for all rows or ``[b]`` (reseeds the rows' generators, see
+        above)."""
         logits = logits.float()
-        if self.greedy:  # the argmax and its log-softmax (both vectorised single passes)
-            tokens = logits.argmax(dim=-1)
-            log_probs = torch.log_softmax(logits, dim=-1)
-            logprobs = log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-        else:
-            log_probs = sampling_logprobs(logits.cpu(), self.temperature, self.top_k, self.top_p)
-            probs = log_probs.exp()
-            tokens = torch.zeros(logits.shape[0], dtype=torch.long)
-            for row in rows.nonzero().flatten().tolist():
-                generator = self.generators[row]
-                if step is not None:
-                    generator.manual_seed(_step_seed(self.seeds[row], step))
-                tokens[row] = torch.multinomial(probs[row : row + 1], 1, generator=generator)[0, 0]
-            logprobs = log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-        return Draw(tokens.cpu(), logprobs.cpu(), *self.top(logits))
+        # Greedy rows (every row, usually): the argmax and its log-softmax, vectorised.
+        tokens = logits.argmax(dim=-1)
+        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        tokens, logprobs = tokens.cpu(), logprobs.cpu()
+        if not self.greedy:
+            drawing = (rows.cpu() & ~self._greedy_rows).nonzero().flatten()
+            if len(drawing):
+                log_probs = sampling_logprobs(
+                    logits[drawing.to(logits.device)].cpu(), self.temperature[drawing],
+                    self.top_k[drawing], self.top_p[drawing],
+                )  # fmt: skip
+                probs = log_probs.exp()
+                for i, row in enumerate(drawing.tolist()):
+                    generator = self.generators[row]
+                    if step is not None:
+                        index = step if isinstance(step, int) else int(step[row])
+                        generator.manual_seed(_step_seed(self.seeds[row], index))
+                    token = torch.multinomial(probs[i : i + 1], 1, generator=generator)[0, 0]
+                    tokens[row], logprobs[row] = token, log_probs[i, token]
+        return Draw(tokens, logprobs, *self.top(logits))
 
     def top(self, logits: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(ids, log-probs)`` ``[b, N]`` of the ``N = num_top_logprobs`` most likely tokens
@@ -109,18 +147,28 @@ class RowSampler:
         values, ids = log_probs.topk(min(self.num_top_logprobs, logits.shape[-1]), dim=-1)
         return ids.cpu(), values.cpu()
 
+    def _settings(self, repeat: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        settings = (self.temperature, self.top_k, self.top_p)
+        return tuple(x.repeat_interleave(repeat) for x in settings)
+
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """The distribution ``sample`` draws from, for ``logits[..., V]``."""
+        """The distribution ``sample`` draws from, for ``logits[b, ..., V]`` (sampled rows)."""
         flat = logits.reshape(-1, logits.shape[-1]).cpu()
-        lp = sampling_logprobs(flat, self.temperature, self.top_k, self.top_p)
+        lp = sampling_logprobs(flat, *self._settings(flat.shape[0] // logits.shape[0]))
         return lp.exp().view(*logits.shape[:-1], -1)
 
     def logprob(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Reported log-prob of ``tokens[b]`` under ``logits[b, V]``, as ``sample`` reports it."""
+        greedy = token_logprobs(logits.cpu(), tokens)
         if self.greedy:
-            return token_logprobs(logits.cpu(), tokens)
-        lp = sampling_logprobs(logits.cpu(), self.temperature, self.top_k, self.top_p)
-        return lp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+            return greedy
+        sampled = ~self._greedy_rows
+        lp = sampling_logprobs(
+            logits[sampled].cpu(), self.temperature[sampled], self.top_k[sampled],
+            self.top_p[sampled],
+        )  # fmt: skip
+        greedy[sampled] = lp.gather(-1, tokens[sampled].unsqueeze(-1)).squeeze(-1)
+        return greedy
 
 
 def max_probs(logits: torch.Tensor) -> torch.Tensor:
@@ -224,7 +272,8 @@ class _Choices:
     def record_max_prob(self, depth: int, view: ExitView, rows: torch.Tensor) -> None:
         """The exit's top-1 probability for ``rows`` (the rows that reached it)."""
         probs = max_probs(view.logits()[:, -1])
-        self.max_probs[depth] = torch.where(rows, probs, torch.full_like(probs, float("nan")))
+        unset = self.max_probs.get(depth, torch.full_like(probs, float("nan")))
+        self.max_probs[depth] = torch.where(rows, probs, unset)
 
     def emitted(self) -> Emitted:
         def column(x):
@@ -263,21 +312,62 @@ class FullDepth(KVFillPolicy):
         return choices.emitted()
 
 
+class RowExits(NamedTuple):
+    """The exit policy of some rows of a batch (``KVRecompute.per_row``)."""
+
+    policy: ExitPolicy | None
+    """None: the rows never exit (full depth)."""
+    rows: torch.Tensor | None
+    """bool ``[b]``; None: every row."""
+    reported: frozenset[int]
+    """Exits whose top-1 probability these rows report (``DecodeState.exit_max_probs``)."""
+
+
 class KVRecompute(KVFillPolicy):
-    """Per-row early exit; pending positions catch up through skipped layers next step."""
+    """Per-row early exit; pending positions catch up through skipped layers next step.
+
+    Rows may follow different exit policies (rows of several requests in one continuous batch,
+    :meth:`per_row`): each row is decided only at the exits its own policy allows, and the step
+    stops when every active row has exited, so a row decodes as it would alone.
+    """
 
     def __init__(self, exit_policy: ExitPolicy, exit_depths: Sequence[int]):
-        self.exit_policy = exit_policy
-        self.exit_depths = tuple(d for d in sorted(exit_depths) if exit_policy.allows(d))
+        depths = tuple(d for d in sorted(exit_depths) if exit_policy.allows(d))
+        self.groups = [RowExits(exit_policy, None, frozenset(depths))]
+        self.exit_depths = depths
+
+    @classmethod
+    def per_row(
+        cls, groups: Sequence[tuple[ExitPolicy | None, torch.Tensor, bool]], exit_depths
+    ) -> KVRecompute:
+        """Rows with their own policies: ``(policy or None, rows [b] bool, report max probs)``
+        per group, over the model's ``exit_depths``. A full-depth group (None) that reports
+        max probs evaluates every exit (as :class:`FullDepth`)."""
+        policy = cls.__new__(cls)
+        policy.groups = []
+        for exit_policy, rows, report in groups:
+            if exit_policy is None:
+                depths = frozenset(exit_depths) if report else frozenset()
+            else:
+                depths = frozenset(d for d in exit_depths if exit_policy.allows(d))
+            policy.groups.append(RowExits(exit_policy, rows, depths))
+        policy.exit_depths = tuple(sorted(set().union(*(g.reported for g in policy.groups))))
+        return policy
 
     def step(self, engine: Engine, cache: KVCache, state: DecodeState) -> Emitted:
         choices = _Choices(state.inputs.shape[0], engine.num_layers)
         undecided = state.active.clone()
 
         def on_exit(depth: int, view: ExitView) -> bool:
-            if state.exit_max_probs:
-                choices.record_max_prob(depth, view, undecided)
-            fired = decide_rows(view, self.exit_policy, undecided)
+            fired = torch.zeros_like(undecided)
+            for group in self.groups:
+                if depth not in group.reported:
+                    continue
+                rows = undecided if group.rows is None else undecided & group.rows
+                if state.exit_max_probs:
+                    choices.record_max_prob(depth, view, rows)
+                if group.policy is not None and rows.any():
+                    fired |= decide_rows(view, group.policy, rows)
             if fired.any():
                 draw = state.sampler.sample(view.logits()[:, -1], fired, state.num_generated)
                 choices.take(fired, draw, depth)

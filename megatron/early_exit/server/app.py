@@ -21,7 +21,8 @@ Bodies are validated by ``protocol.parse_*`` under the service's limits (not by 
 parameter parsing), so every invalid request, malformed JSON included, gets status 400 and the
 body ``{"error": {"message", "field", "type"}}``. A generator failure gets 500 with a message
 (inside a stream: an ``error`` event, then ``[DONE]``); the server keeps serving. A client that
-disconnects before its request starts has it dropped from the queue.
+disconnects has its request dropped from the queue, or, with continuous batching, stopped while
+it runs; a request past ``ServerLimits.max_request_seconds`` gets 504 (continuous batching).
 
 ``serve`` runs uvicorn with a header-read timeout (a connection that has not sent a request's
 headers within ``header_timeout_s`` is closed) and a concurrency limit (503 beyond it).
@@ -51,7 +52,12 @@ from megatron.early_exit.server.protocol import (
     parse_generate_request,
     parse_request,
 )
-from megatron.early_exit.server.service import GenerationService, RequestCancelled, ServiceBusy
+from megatron.early_exit.server.service import (
+    GenerationService,
+    RequestCancelled,
+    RequestTimedOut,
+    ServiceBusy,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +67,7 @@ PAYLOAD_TOO_LARGE = 413
 UNSUPPORTED_MEDIA_TYPE = 415
 SERVER_ERROR = 500
 SERVICE_UNAVAILABLE = 503
+GATEWAY_TIMEOUT = 504
 CLIENT_CLOSED = 499
 BODY_TIMEOUT_S = 30.0
 _QUEUE_POLL_S = 0.02
@@ -147,6 +154,8 @@ async def _call(fn: Callable, parsed, request: Request) -> JSONResponse:
         return _error(SERVICE_UNAVAILABLE, str(error), "busy")
     except RequestCancelled as error:
         return _error(CLIENT_CLOSED, str(error), "cancelled")
+    except RequestTimedOut as error:
+        return _error(GATEWAY_TIMEOUT, str(error), "time_limit")
     except Exception as error:
         logger.exception("request failed")
         return JSONResponse(_server_error(error), status_code=SERVER_ERROR)

@@ -268,4 +268,3 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0
-

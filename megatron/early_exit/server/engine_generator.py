@@ -9,12 +9,21 @@ Maps the transport-independent ``protocol.GenerationRequest`` onto the engine's 
 ``PromptCompletion`` (text cut at stop strings/EOS, per-token text pieces and exit layers).
 Exit layers are reported as depths (the number of layers below the head), the final head as
 ``num_layers``.
+
+Continuous batching (one process, ``continuous=True``): requests run on a
+:class:`~megatron.early_exit.inference.batching.ContinuousBatcher`, whose thread decodes every
+running request in one batch; ``generate``/``stream``/``score`` may then be called from many
+threads at once (``concurrent``), take the client's ``cancelled`` event (set: the request's rows
+leave the batch at the next step) and the service's time limit. Otherwise each call decodes its
+request alone on the calling thread (every rank of a multi-rank server in lockstep).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
+from megatron.early_exit.inference.batching import ContinuousBatcher
 from megatron.early_exit.inference.decide import CONFIDENCE_MEASURES, LOGIT_MEASURES, ExitPolicy
 from megatron.early_exit.inference.generate import GenerationParams, generate, generate_stream
 from megatron.early_exit.inference.scoring import score_prompts
@@ -33,11 +42,31 @@ from megatron.early_exit.server.text import grown_text, token_pieces
 class EngineGenerator:
     """A ``TextGenerator`` over an EarlyExitGPTModel and its tokenizer."""
 
-    def __init__(self, model, tokenizer, max_sequence_length: int | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_sequence_length: int | None = None,
+        *,
+        continuous: bool = False,
+        max_batch_rows: int = 64,
+    ):
         self.model = unwrap_model(model)
         self._tokenizer = tokenizer
         self._max_sequence_length = max_sequence_length or self.model.max_sequence_length
         self._pipelined = self.model.config.pipeline_model_parallel_size > 1
+        self._batcher = ContinuousBatcher(self.model, max_batch_rows) if continuous else None
+
+    @property
+    def concurrent(self) -> bool:
+        """Whether calls may overlap (continuous batching): the service then waits on many
+        requests at once instead of running them one by one."""
+        return self._batcher is not None
+
+    def close(self) -> None:
+        """Finish the running requests and stop the batching thread (if any)."""
+        if self._batcher is not None:
+            self._batcher.close()
 
     @property
     def confidence_measures(self) -> tuple[str, ...]:
@@ -68,7 +97,13 @@ class EngineGenerator:
         return getattr(self._tokenizer, "chat_template", None)
 
     def score(self, params: GenerationRequest) -> list[PromptScores]:
-        """Prompt tokens' log-probs by a full no-cache forward (every TP rank calls it)."""
+        """Prompt tokens' log-probs by a full no-cache forward (every TP rank calls it; with
+        continuous batching on the batching thread, between two steps)."""
+        if self._batcher is not None:
+            return self._batcher.call(lambda: self._score(params))
+        return self._score(params)
+
+    def _score(self, params: GenerationRequest) -> list[PromptScores]:
         prompts = engine_prompt_ids(params, self._tokenizer)
         scored = score_prompts(
             self.model, prompts, params.score_exit_depth, params.num_top_logprobs
@@ -102,23 +137,48 @@ class EngineGenerator:
     def max_sequence_length(self) -> int | None:
         return self._max_sequence_length
 
-    def generate(self, params: GenerationRequest) -> list[PromptCompletion]:
+    def generate(
+        self,
+        params: GenerationRequest,
+        cancelled: threading.Event | None = None,
+        time_limit_s: float | None = None,
+    ) -> list[PromptCompletion]:
+        """One result per prompt. ``cancelled`` and ``time_limit_s`` apply with continuous
+        batching (``RequestCancelled`` / ``TimeLimitExceeded`` from ``inference.batching``)."""
         prompts = self._prompts(params)
         if params.max_new_tokens == 0:
             return [PromptCompletion(i, "", (), (), ()) for i in range(len(prompts))]
-        results = generate(self.model, prompts, self._engine_params(params))
+        if self._batcher is None:
+            results = generate(self.model, prompts, self._engine_params(params))
+        else:
+            request = self._batcher.submit(
+                prompts, self._engine_params(params), time_limit_s, cancelled
+            )
+            results = list(request)[-1].results
         return [self._result(i, r, params) for i, r in enumerate(results)]
 
-    def stream(self, params: GenerationRequest) -> Iterator[StreamItem]:
+    def stream(
+        self,
+        params: GenerationRequest,
+        cancelled: threading.Event | None = None,
+        time_limit_s: float | None = None,
+    ) -> Iterator[StreamItem]:
         """Token events as the engine decodes them (each step's kept tokens, prompt order within
-        a step), then one ``PromptCompletion`` per prompt."""
+        a step), then one ``PromptCompletion`` per prompt (``cancelled``, ``time_limit_s``: as
+        :meth:`generate`)."""
         prompts = self._prompts(params)
         if params.max_new_tokens == 0:
             yield from (PromptCompletion(i, "", (), (), ()) for i in range(len(prompts)))
             return
         texts = [""] * len(prompts)
         tokens: list[list[int]] = [[] for _ in prompts]
-        for update in generate_stream(self.model, prompts, self._engine_params(params)):
+        if self._batcher is None:
+            updates = generate_stream(self.model, prompts, self._engine_params(params))
+        else:
+            updates = self._batcher.submit(
+                prompts, self._engine_params(params), time_limit_s, cancelled
+            )
+        for update in updates:
             if update.results is not None:
                 for index, result in enumerate(update.results):
                     yield self._result(index, result, params)

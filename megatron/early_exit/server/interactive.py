@@ -179,4 +179,3 @@ def main(argv: Sequence[str] | None = None, lines=None, out: TextIO = sys.stdout
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0
-

@@ -89,6 +89,9 @@ class ServerLimits:
     """Most messages in one chat request."""
     max_queued_requests: int = 32
     """Most requests waiting or running; one more is answered 503."""
+    max_request_seconds: float = 300.0
+    """Longest a request may wait and run (continuous batching; a serial server, whose ranks
+    decode in lockstep, runs each request to its end); past it the request is stopped (504)."""
 
     def __post_init__(self) -> None:
         for name, value in dataclasses.asdict(self).items():

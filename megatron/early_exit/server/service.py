@@ -1,13 +1,21 @@
 """The generation service: plain Python between the HTTP routes and a text generator.
 
-``GenerationService`` prepares a parsed request (``preparation.prepare_request``), runs it on
-its one generation thread and maps the results onto the protocol's responses
-(``responses``). Requests are serialised: every generation runs on that thread, in arrival
-order, so a multi-rank generator never interleaves its broadcasts. The queue is bounded
+``GenerationService`` prepares a parsed request (``preparation.prepare_request``), runs it as a
+job and maps the results onto the protocol's responses (``responses``). The queue is bounded
 (``ServerLimits.max_queued_requests``, waiting plus running): one more request raises
-``ServiceBusy`` (503). A request whose client has gone (its ``cancelled`` event set) is dropped
-if it has not started; a started one runs to its end, because the other ranks of a multi-rank
-server are in lockstep with it. The request time reported to the client includes the wait.
+``ServiceBusy`` (503). The request time reported to the client includes the wait.
+
+Two ways to run jobs, chosen by the generator:
+
+* A ``concurrent`` generator (continuous batching, one process) decodes every running request
+  in one batch on its own thread; the service waits on each job from a pool thread. A client
+  that leaves (its ``cancelled`` event set) has its request dropped, waiting or running, at the
+  next decode step (``RequestCancelled``, 499); a request running past
+  ``ServerLimits.max_request_seconds`` is stopped (``RequestTimedOut``, 504).
+* Otherwise jobs are serialised on one generation thread, in arrival order, so a multi-rank
+  generator never interleaves its broadcasts. A request whose client has gone is dropped if it
+  has not started; a started one runs to its end, because the other ranks of a multi-rank
+  server are in lockstep with it, and no time limit applies.
 
 A request that scores prompts (OpenAI ``echo`` with ``logprobs``; Megatron's
 ``tokens_to_generate=0`` with ``logprobs``) first runs the generator's ``score`` (a full
@@ -25,6 +33,8 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+from megatron.early_exit.inference.batching import RequestCancelled as BatchCancelled
+from megatron.early_exit.inference.batching import TimeLimitExceeded
 from megatron.early_exit.inference.decide import ExitPolicy
 from megatron.early_exit.server.chat import (
     ChatChunkConverter,
@@ -73,7 +83,13 @@ from megatron.early_exit.server.text import token_pieces
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GenerationError", "GenerationService", "RequestCancelled", "ServiceBusy"]
+__all__ = [
+    "GenerationError",
+    "GenerationService",
+    "RequestCancelled",
+    "RequestTimedOut",
+    "ServiceBusy",
+]
 
 
 class ServiceBusy(RuntimeError):
@@ -81,7 +97,12 @@ class ServiceBusy(RuntimeError):
 
 
 class RequestCancelled(RuntimeError):
-    """The client left before its request started; it was dropped."""
+    """The client left; its request was dropped (before or, with continuous batching, while
+    it ran)."""
+
+
+class RequestTimedOut(RuntimeError):
+    """The request ran past ``ServerLimits.max_request_seconds`` and was stopped (504)."""
 
 
 @dataclass(frozen=True)
@@ -119,7 +140,9 @@ class GenerationService:
         self.limits = limits or ServerLimits()
         self.model_name = model_name
         self.chat_template = chat_template
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generation")
+        self.concurrent = bool(getattr(generator, "concurrent", False))
+        workers = self.limits.max_queued_requests if self.concurrent else 1
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="generation")
         self._stats_lock = threading.Lock()
         self._num_pending = 0
         self._num_served = 0
@@ -140,7 +163,7 @@ class GenerationService:
     ) -> Future[list[PromptCompletion]]:
         """Validate now (``RequestError``), queue the generation; the future holds the results."""
         prepared = self.prepare(params, fields)
-        return self._submit(lambda p: self._run_job(p).results, prepared)
+        return self._submit(lambda p: self._run_job(p, None).results, prepared)
 
     def run(
         self, params: GenerationRequest, fields: RequestFields = GENERATE_FIELDS
@@ -168,9 +191,12 @@ class GenerationService:
     def _counted(self, fn: Callable, *args):
         try:
             result = fn(*args)
-        except BaseException:
+        except BaseException as error:
             with self._stats_lock:
-                self._num_failed += 1
+                if isinstance(error, RequestCancelled):
+                    self._num_cancelled += 1
+                else:
+                    self._num_failed += 1
                 self._num_pending -= 1
             raise
         with self._stats_lock:
@@ -202,14 +228,30 @@ class GenerationService:
         check_scores(scores, engine_prompt_ids(params, self.generator.tokenizer))
         return scores
 
-    def _run_job(self, prepared: PreparedRequest) -> JobResult:
+    def _limits_of_job(self, cancelled: threading.Event | None) -> dict:
+        """The stop conditions a concurrent generator takes (a serial one runs to the end)."""
+        if not self.concurrent:
+            return {}
+        return {"cancelled": cancelled, "time_limit_s": self.limits.max_request_seconds}
+
+    def _stopped(self, error: Exception) -> Exception:
+        if isinstance(error, BatchCancelled):
+            return RequestCancelled("the client left; its request was stopped")
+        return RequestTimedOut(
+            f"the request ran past the server's {self.limits.max_request_seconds:g}-second "
+            "limit and was stopped (--max-request-seconds)"
+        )
+
+    def _run_job(self, prepared: PreparedRequest, cancelled: threading.Event | None) -> JobResult:
         params = prepared.params
         try:
             scores = self._scores(params)
             if params.max_new_tokens == 0:
                 results = [_empty_completion(i) for i in range(len(params.prompts))]
             else:
-                results = list(self.generator.generate(params))
+                results = list(self.generator.generate(params, **self._limits_of_job(cancelled)))
+        except (BatchCancelled, TimeLimitExceeded) as error:
+            raise self._stopped(error) from None
         except Exception as error:
             logger.exception("generation failed")
             raise GenerationError(f"generation failed: {type(error).__name__}: {error}") from error
@@ -217,7 +259,9 @@ class GenerationService:
             raise GenerationError("generator returned results out of prompt order")
         return JobResult(scores, results)
 
-    def _stream_job(self, prepared: PreparedRequest, out: queue.Queue) -> None:
+    def _stream_job(
+        self, prepared: PreparedRequest, out: queue.Queue, cancelled: threading.Event
+    ) -> None:
         params = prepared.params
         try:
             out.put(("scores", self._scores(params)))
@@ -225,8 +269,12 @@ class GenerationService:
                 for index in range(len(params.prompts)):
                     out.put(_empty_completion(index))
             else:
-                for item in self.generator.stream(params):
+                for item in self.generator.stream(params, **self._limits_of_job(cancelled)):
                     out.put(item)
+        except (BatchCancelled, TimeLimitExceeded) as error:
+            stopped = self._stopped(error)
+            out.put(GenerationError(str(stopped)))
+            raise stopped from None
         except Exception as error:
             logger.exception("streaming generation failed")
             out.put(GenerationError(f"generation failed: {type(error).__name__}: {error}"))
@@ -249,7 +297,7 @@ class GenerationService:
         self, prepared: PreparedRequest, cancelled: threading.Event | None = None
     ) -> JobResult:
         """Queue a prepared request and wait for it (``RequestCancelled`` if dropped)."""
-        return self._wait(self._submit(self._run_job, prepared), cancelled)
+        return self._wait(self._submit(self._run_job, prepared, cancelled), cancelled)
 
     def stream_prepared(
         self,
@@ -260,8 +308,11 @@ class GenerationService:
         """Queue a prepared request for streaming; ``assembler_fn(scores)`` makes the chunks'
         assembler once the scores (if any) are known; ``convert`` maps each chunk."""
         out: queue.Queue = queue.Queue()
-        future = self._submit(self._stream_job, prepared, out)
-        return CancellableStream(self, future, out, assembler_fn, prepared.params, convert)
+        cancelled = threading.Event()
+        future = self._submit(self._stream_job, prepared, out, cancelled)
+        return CancellableStream(
+            self, future, out, assembler_fn, prepared.params, convert, cancelled
+        )
 
     # ---------------------------------------------------------------- models and templates
 
@@ -472,6 +523,7 @@ class GenerationService:
             "exit_layers": list(self.generator.exit_depths),
             "max_sequence_length": self.generator.max_sequence_length,
             "limits": {**vars(self.limits), "max_prompt_chars": self.limits.prompt_chars},
+            "batching": "continuous" if self.concurrent else "serial",
             "requests": counters,
         }
 
@@ -481,12 +533,21 @@ class GenerationService:
 
 
 class CancellableStream:
-    """The chunks of one streamed request; ``cancel()`` drops it if it has not started."""
+    """The chunks of one streamed request; ``cancel()`` drops it if it has not started, and
+    stops it if it runs (with continuous batching)."""
 
     def __init__(
-        self, service, future: Future, out: queue.Queue, assembler_fn, params, convert=None
+        self,
+        service,
+        future: Future,
+        out: queue.Queue,
+        assembler_fn,
+        params,
+        convert=None,
+        cancelled: threading.Event | None = None,
     ) -> None:
         self._service = service
+        self._cancelled = cancelled
         self._convert = convert
         self._future = future
         self._out = out
@@ -506,11 +567,14 @@ class CancellableStream:
         return not self._out.empty() or self._future.done()
 
     def cancel(self) -> bool:
-        """Drop the request if it has not started; True if it was dropped."""
+        """Drop the request if it has not started (True), else ask a running one to stop (it
+        stops at the next decode step with continuous batching; a no-op once it has ended)."""
         dropped = self._future.cancel()
         if dropped:
             self._service._note_cancelled()
             self._out.put(_END)
+        elif self._cancelled is not None and not self._future.done():
+            self._cancelled.set()
         return dropped
 
     def _get(self):
