@@ -30,8 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron.early_exit.launch import free_port
-from tests.distributed.harness import run_distributed
+from tests.distributed.harness import run_distributed, torchrun_command
 from tests.distributed.test_server_script import ROOT, _request, _serve, _train
 
 TEMPLATE = (
@@ -89,10 +88,7 @@ def served(tmp_path_factory):
     processes = {}
     try:
         processes["tp1"] = _serve(work / "ckpt", sys.executable, flags)
-        processes["tp2"] = _serve(
-            work / "ckpt", sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-            "--master-port", str(free_port()), flags,
-        )  # fmt: skip
+        processes["tp2"] = _serve(work / "ckpt", *torchrun_command(2), flags)
         yield {
             "work": work,
             "reference": reference,

@@ -13,12 +13,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from megatron.early_exit.launch import free_port
+from tests.distributed.harness import torchrun_command
 
 ROOT = Path(__file__).resolve().parents[2]
 FLAGS = (
@@ -31,11 +30,7 @@ FLAGS = (
 
 
 def torchrun(*flags: str, cwd: Path) -> None:
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-        "--master-port", str(free_port()), str(ROOT / "pretrain_early_exit_gpt.py"),
-        *FLAGS, *flags,
-    ]  # fmt: skip
+    command = [*torchrun_command(2), str(ROOT / "pretrain_early_exit_gpt.py"), *FLAGS, *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from megatron.early_exit.launch import free_port
+from tests.distributed.harness import torchrun_command
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = (
@@ -94,11 +95,8 @@ def served(tmp_path_factory) -> dict:
     out = {}
     for name, launcher in {
         "pp1": (sys.executable, ""),
-        "pp2": (
-            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-            "--master-port", str(free_port()), "--pipeline-model-parallel-size 2",
-        ),
-    }.items():  # fmt: skip
+        "pp2": (*torchrun_command(2), "--pipeline-model-parallel-size 2"),
+    }.items():
         process, url = _serve(work / "ckpt", *launcher)
         try:
             out[name] = _answers(url)
