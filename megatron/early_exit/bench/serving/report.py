@@ -65,6 +65,7 @@ def build_row(
         "alone_error_messages": _first_messages(alone),
         "alone_not_sent": alone.not_sent,
         "alone_latency_p50_s": percentile(alone_latencies, 50),
+        "alone_requests_per_second": _rate(len(alone.answered), alone.wall_s),
         "warmup_errors": len(warmup.failed) + warmup.not_sent,
         "warmup_error_messages": _first_messages(warmup),
     }
@@ -85,7 +86,7 @@ SUMMED = ("requests", "answered", "errors", "errors_total", "not_sent", "cross_t
           "unchecked", "alone_errors", "warmup_errors")  # fmt: skip
 MEDIAN = ("requests_per_second", "tokens_per_second", "latency_p50_s", "latency_p99_s",
           "wall_seconds", "server_cpu_seconds", "client_cpu_seconds", "server_cpu_per_wall",
-          "alone_latency_p50_s")  # fmt: skip
+          "alone_latency_p50_s", "alone_requests_per_second")  # fmt: skip
 
 
 def summarize(rows: Sequence[Mapping], modes: Sequence[str], baseline: str) -> dict:
