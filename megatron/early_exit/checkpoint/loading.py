@@ -96,9 +96,7 @@ def load_for_inference(
 
     info = read_checkpoint_info(load_dir)
     tp, pp = layout.tensor_parallel_size, layout.pipeline_parallel_size
-    config = checkpoint_config(
-        info, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
-    )
+    config = checkpoint_config(info, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     platform.initialize(tp, pp, seed=seed, embedding_stages=tied_exit_stages(config))
     model = build_model(config, info.model, seed=seed)
     load_checkpoint(load_dir, model)

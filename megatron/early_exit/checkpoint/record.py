@@ -88,7 +88,6 @@ class CheckpointInfo:
     """``"distributed"``, ``"plain"`` or None (saved before the first step: no optimizer state)."""
 
 
-
 def config_to_dict(config: EarlyExitTransformerConfig) -> dict:
     """The recorded config fields as JSON-able values (functions and dtypes by name)."""
     record = {}

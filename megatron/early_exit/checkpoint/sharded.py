@@ -41,7 +41,6 @@ def read_sharded(request: dict, path: Path, *, partial: bool = False) -> tuple[d
     return loaded, unexpected
 
 
-
 _LAYERS_PREFIX = "decoder.layers."
 # Checkpoint keys that are not the backbone: exit heads (a run keeps only its own), optimizer
 # state and RNG states (see save_checkpoint).

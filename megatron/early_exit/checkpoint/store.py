@@ -33,7 +33,6 @@ leaves the previous checkpoint and the tracker untouched; loading follows the tr
 never sees an incomplete directory. All ranks must see one shared ``save_dir``.
 """
 
-
 from __future__ import annotations
 
 import logging
@@ -88,6 +87,7 @@ _SHARDING_METADATA = {
     "distrib_optim_sharding_type": "fully_reshardable",
     "chained_optim_avoid_prefix": True,
 }
+
 
 def iteration_dir_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
@@ -467,7 +467,6 @@ def _layout() -> dict:
         "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
         "data_parallel_size": parallel_state.get_data_parallel_world_size(),
     }
-
 
 
 # --------------------------------------------------------------------------------------------

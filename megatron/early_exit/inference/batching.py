@@ -108,8 +108,11 @@ class BatchRequest:
         params: GenerationParams,
         deadline: float | None,
         cancelled: threading.Event | None = None,
+        stream: bool = True,
     ) -> None:
         self.prompts = [list(p) for p in prompts]
+        self.stream = stream
+        """False: the iterator yields only the final item (no per-step updates)."""
         self.params = params
         self.deadline = deadline
         """``time.monotonic()`` value after which the request is dropped (None: no limit)."""
@@ -157,7 +160,8 @@ class BatchRequest:
             emitted.top_logprobs = emitted.top_logprobs[..., :n] if n else None
         self.active = self.recorder.add(emitted, self.active)
         self.num_generated += emitted.tokens.shape[1]
-        self._updates.put(self.recorder.take_update())
+        if self.stream:
+            self._updates.put(self.recorder.take_update())
         if not self.active.any():
             self.finish(StreamUpdate(results=self.recorder.results()))
 
@@ -195,7 +199,7 @@ class Lane:
         joining = Lane(self.key)
         joining.rows = [(request, i) for i in range(len(request.prompts))]
         joining.engine, joining.cache, joining.state, joining.policy = engine, cache, state, policy
-        self.engine = engine  # the newest engine checked its weights against the parameters
+        self.engine = engine
         self._rebuild([self, joining])
 
     def step(self) -> None:
@@ -340,10 +344,18 @@ class Scheduler:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         self.model = model.eval()
         self.max_rows = max_rows
+        self.exit_depths = tuple(sorted(e.depth for e in model.config.exit_heads))
+        self.engine = Engine(self.model)
+        """One engine for every request: its lean copies of the weights are checked against the
+        parameters once, here (the weights of a model being served do not change; a new
+        ``Scheduler`` sees new weights)."""
         self.waiting: deque[BatchRequest] = deque()
         self.lanes: list[Lane] = []
         self.num_steps = 0
         """Lane steps run so far."""
+        self.num_row_steps = 0
+        """Rows decoded over those steps (``num_row_steps / num_steps``: the mean batch)."""
+        self.num_joins = 0
 
     def new_request(
         self,
@@ -351,13 +363,14 @@ class Scheduler:
         params: GenerationParams,
         time_limit_s: float | None = None,
         cancelled: threading.Event | None = None,
+        stream: bool = True,
     ) -> BatchRequest:
         """A checked request (ValueError naming the problem), not queued yet."""
         check_layout(self.model, params)
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("need at least one prompt, and every prompt needs at least one token")
         deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
-        return BatchRequest(prompts, params, deadline, cancelled)
+        return BatchRequest(prompts, params, deadline, cancelled, stream)
 
     @property
     def num_running(self) -> int:
@@ -385,13 +398,13 @@ class Scheduler:
                 return
             self.waiting.popleft()
             try:
-                engine = Engine(self.model)
-                key = lane_key(request.params, engine.exits)
+                key = lane_key(request.params, self.exit_depths)
                 lane = next((ln for ln in self.lanes if ln.key == key), None)
                 if lane is None:
                     lane = Lane(key)
                     self.lanes.append(lane)
-                lane.join(engine, request)
+                self.num_joins += 1
+                lane.join(self.engine, request)
             except Exception as error:  # noqa: BLE001 - this request's error, reported to it
                 logger.exception("prefill failed")
                 request.finish(error)
@@ -414,6 +427,7 @@ class Scheduler:
         if not lane.rows:
             return
         try:
+            self.num_row_steps += len(lane.rows)
             lane.step()
             self.num_steps += 1
         except Exception as error:  # noqa: BLE001 - every request of the lane gets it
@@ -447,10 +461,12 @@ class ContinuousBatcher:
         params: GenerationParams,
         time_limit_s: float | None = None,
         cancelled: threading.Event | None = None,
+        stream: bool = True,
     ) -> BatchRequest:
         """Queue a request (ValueError naming a problem); its updates arrive on the returned
-        :class:`BatchRequest`; setting ``cancelled`` (if given) cancels it."""
-        request = self.scheduler.new_request(prompts, params, time_limit_s, cancelled)
+        :class:`BatchRequest` (only the final one unless ``stream``); setting ``cancelled`` (if
+        given) cancels it."""
+        request = self.scheduler.new_request(prompts, params, time_limit_s, cancelled, stream)
         with self._condition:
             if self._closed:
                 raise RuntimeError("the batcher is closed")
@@ -478,6 +494,15 @@ class ContinuousBatcher:
     @property
     def num_steps(self) -> int:
         return self.scheduler.num_steps
+
+    def statistics(self) -> dict:
+        """Requests admitted, decode steps and the mean rows per step so far."""
+        scheduler = self.scheduler
+        return {
+            "requests_admitted": scheduler.num_joins,
+            "decode_steps": scheduler.num_steps,
+            "mean_rows_per_step": scheduler.num_row_steps / max(scheduler.num_steps, 1),
+        }
 
     def _run(self) -> None:
         scheduler = self.scheduler

@@ -177,18 +177,26 @@ def max_probs(logits: torch.Tensor) -> torch.Tensor:
     return torch.exp(logits.max(dim=-1).values - torch.logsumexp(logits, dim=-1)).cpu()
 
 
-def decide_rows(view: ExitView, policy: ExitPolicy, rows: torch.Tensor) -> torch.Tensor:
+def decide_rows(
+    view: ExitView, policy: ExitPolicy, rows: torch.Tensor, measured: dict | None = None
+) -> torch.Tensor:
     """Which of ``rows`` (bool ``[b]``) exit at ``view``'s exit, from the last position.
 
     Computes only what the decision needs: nothing for threshold 0 or a disallowed exit, the
     confidence head for ``"learned"``, the vocabulary projection for the logit measures.
+    ``measured``: confidences already computed at this exit, by measure (filled here), so
+    groups of rows with different thresholds share one computation.
     """
     if not rows.any() or policy.threshold <= 0.0 or not policy.allows(view.depth):
         return exit_mask(view.depth, torch.zeros(rows.shape[0]), policy, rows)
-    if policy.measure == "learned":
-        values = view.confidence()[:, -1]
-    else:
-        values = confidence(view.logits()[:, -1].cpu(), policy.measure)
+    values = None if measured is None else measured.get(policy.measure)
+    if values is None:
+        if policy.measure == "learned":
+            values = view.confidence()[:, -1]
+        else:
+            values = confidence(view.logits()[:, -1].cpu(), policy.measure)
+        if measured is not None:
+            measured[policy.measure] = values
     return exit_mask(view.depth, values, policy, rows)
 
 
@@ -250,6 +258,7 @@ class _Choices:
         self.top_ids: torch.Tensor | None = None
         self.top_logprobs: torch.Tensor | None = None
         self.max_probs: dict[int, torch.Tensor] = {}
+        self._top_probs: dict[int, torch.Tensor] = {}
 
     def take(self, rows: torch.Tensor, draw: Draw, depth: int, everything: bool = False) -> None:
         if everything:
@@ -271,7 +280,9 @@ class _Choices:
 
     def record_max_prob(self, depth: int, view: ExitView, rows: torch.Tensor) -> None:
         """The exit's top-1 probability for ``rows`` (the rows that reached it)."""
-        probs = max_probs(view.logits()[:, -1])
+        if depth not in self._top_probs:
+            self._top_probs[depth] = max_probs(view.logits()[:, -1])
+        probs = self._top_probs[depth]
         unset = self.max_probs.get(depth, torch.full_like(probs, float("nan")))
         self.max_probs[depth] = torch.where(rows, probs, unset)
 
@@ -360,6 +371,7 @@ class KVRecompute(KVFillPolicy):
 
         def on_exit(depth: int, view: ExitView) -> bool:
             fired = torch.zeros_like(undecided)
+            measured: dict = {}
             for group in self.groups:
                 if depth not in group.reported:
                     continue
@@ -367,7 +379,7 @@ class KVRecompute(KVFillPolicy):
                 if state.exit_max_probs:
                     choices.record_max_prob(depth, view, rows)
                 if group.policy is not None and rows.any():
-                    fired |= decide_rows(view, group.policy, rows)
+                    fired |= decide_rows(view, group.policy, rows, measured)
             if fired.any():
                 draw = state.sampler.sample(view.logits()[:, -1], fired, state.num_generated)
                 choices.take(fired, draw, depth)

@@ -68,9 +68,7 @@ def _average_over_data_parallel(losses: dict[str, float]) -> dict[str, float]:
         return losses
     names = sorted(losses)
     # On the device: on a GPU this group is NCCL, which takes no CPU tensors.
-    values = torch.tensor(
-        [losses[n] for n in names], dtype=torch.float64, device=platform.device()
-    )
+    values = torch.tensor([losses[n] for n in names], dtype=torch.float64, device=platform.device())
     dist.all_reduce(values, group=group)
     values /= dist.get_world_size(group)
     return dict(zip(names, values.tolist()))

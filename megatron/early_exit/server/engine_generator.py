@@ -63,6 +63,10 @@ class EngineGenerator:
         requests at once instead of running them one by one."""
         return self._batcher is not None
 
+    def batching_statistics(self) -> dict | None:
+        """The continuous batcher's counters (None when serial)."""
+        return None if self._batcher is None else self._batcher.statistics()
+
     def close(self) -> None:
         """Finish the running requests and stop the batching thread (if any)."""
         if self._batcher is not None:
@@ -152,7 +156,7 @@ class EngineGenerator:
             results = generate(self.model, prompts, self._engine_params(params))
         else:
             request = self._batcher.submit(
-                prompts, self._engine_params(params), time_limit_s, cancelled
+                prompts, self._engine_params(params), time_limit_s, cancelled, stream=False
             )
             results = list(request)[-1].results
         return [self._result(i, r, params) for i, r in enumerate(results)]

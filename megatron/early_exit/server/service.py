@@ -524,6 +524,7 @@ class GenerationService:
             "max_sequence_length": self.generator.max_sequence_length,
             "limits": {**vars(self.limits), "max_prompt_chars": self.limits.prompt_chars},
             "batching": "continuous" if self.concurrent else "serial",
+            "batching_statistics": getattr(self.generator, "batching_statistics", lambda: None)(),
             "requests": counters,
         }
 

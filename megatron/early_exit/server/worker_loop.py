@@ -177,7 +177,8 @@ def run_ranks(
 ) -> T | int:
     """Serve on group rank 0, looping on ``worker_loop`` on the other ranks.
 
-    Rank 0 builds a ``GenerationService`` over a ``BroadcastingGenerator`` and calls
+    Rank 0 builds a ``GenerationService`` over a ``BroadcastingGenerator`` (over the generator
+    itself when the group has one rank: then a concurrent generator serves concurrently) and calls
     ``serve_fn(service)`` (e.g. ``lambda s: serve(create_app(s), host, port)``). However that ends,
     the service is closed first (queued and running requests finish) and ``STOP`` is broadcast
     after, so it never interleaves with a generation. Returns ``serve_fn``'s value on rank 0 and
@@ -185,6 +186,12 @@ def run_ranks(
     """
     if dist.get_rank(group) != 0:
         return worker_loop(generator, group)
+    if dist.get_world_size(group) == 1:  # nobody to broadcast to: the generator as it is
+        service = GenerationService(generator, limits, model_name, chat_template)
+        try:
+            return serve_fn(service)
+        finally:
+            service.close()
     broadcasting = BroadcastingGenerator(generator, group)
     service = GenerationService(broadcasting, limits, model_name, chat_template)
     try:

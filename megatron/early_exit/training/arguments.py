@@ -564,8 +564,10 @@ def training_config(args) -> TrainingConfig:
         loss_scale=args.loss_scale,
         initial_loss_scale=args.initial_loss_scale,
         scheduler_source=(
-            "flags" if args.override_opt_param_scheduler
-            else "checkpoint" if args.use_checkpoint_opt_param_scheduler
+            "flags"
+            if args.override_opt_param_scheduler
+            else "checkpoint"
+            if args.use_checkpoint_opt_param_scheduler
             else "check"
         ),
     )
