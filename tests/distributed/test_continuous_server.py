@@ -97,7 +97,9 @@ def server_worker(rank: int, world_size: int) -> dict:
     model = build_early_exit_model(tiny_config("gpt", init_method_std=0.3), 512, 2048, seed=3)
     serial = GenerationService(EngineGenerator(model, tokenizer))
     generator = EngineGenerator(model, tokenizer, continuous=True)
-    service = GenerationService(generator, ServerLimits(max_tokens_to_generate=2000, max_request_seconds=2))
+    service = GenerationService(
+        generator, ServerLimits(max_tokens_to_generate=2000, max_request_seconds=2)
+    )
     out = {"health": service.health()["batching"], "serial_health": serial.health()["batching"]}
     try:
         requests = _requests()
