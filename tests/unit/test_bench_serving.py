@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import itertools
 import random
-import threading
 import time
 
 import numpy as np
@@ -28,6 +27,7 @@ from megatron.early_exit.bench.serving.workload import (
     prompts_of,
 )
 from megatron.early_exit.server.protocol import parse_completion_request, parse_generate_request
+from tests.live_server import live_server
 
 PROMPTS = prompts_of([2, 5], 2)
 THRESHOLDS = (None, 0.8)
@@ -212,30 +212,13 @@ def test_flags():
 # --- the clients against a real app over a fake generator
 
 
-def _live(script=None):
-    from megatron.early_exit.launch import free_port
-    from megatron.early_exit.server.app import build_server, create_app
+def _fake_service(script=None):
     from megatron.early_exit.server.service import GenerationService
     from tests.fake_generator import FakeGenerator
 
     kwargs = {"script": script} if script else {}
     fake = FakeGenerator(num_layers=4, exit_depths=(1, 3), max_sequence_length=128, **kwargs)
-    service = GenerationService(fake, model_name="fake")
-    port = free_port()
-    server = build_server(create_app(service), "127.0.0.1", port, "warning")
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.01)
-
-    def stop():
-        server.should_exit = True
-        thread.join(timeout=10)
-        service.close()
-
-    return f"http://127.0.0.1:{port}", stop
+    return GenerationService(fake, model_name="fake")
 
 
 def _measure(url: str, mix) -> dict:
@@ -247,11 +230,8 @@ def _measure(url: str, mix) -> dict:
 
 def test_clients_against_an_honest_and_a_leaky_server():
     mix = mix_of(0, clients=3, per_client=4)
-    url, stop = _live()
-    try:
+    with live_server(_fake_service()) as (url, _):
         row = _measure(url, mix)
-    finally:
-        stop()
     assert (row["answered"], row["errors_total"], row["cross_talk"], row["unchecked"]) == (
         12, 0, 0, 0)  # fmt: skip
     assert row["requests_per_second"] > 0 and row["latency_p99_s"] >= row["latency_p50_s"]
@@ -263,10 +243,7 @@ def test_clients_against_an_honest_and_a_leaky_server():
         seen.append(prompt)
         return f" [{seen[-2] if len(seen) > 1 else prompt}]"
 
-    url, stop = _live(leaky)
-    try:
+    with live_server(_fake_service(leaky)) as (url, _):
         row = _measure(url, mix)
-    finally:
-        stop()
     assert row["errors_total"] == 0 and row["cross_talk"] > 0, row
     assert row["cross_talk_examples"] and row["cross_talk_fields"].get("text")

@@ -11,11 +11,9 @@ from __future__ import annotations
 import io
 import json
 import threading
-import time
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 from megatron.early_exit.launch import free_port
@@ -36,6 +34,7 @@ from megatron.early_exit.server.protocol import (
 from megatron.early_exit.server.service import GenerationService
 from megatron.early_exit.server.text import stop_holdback
 from tests.fake_generator import FakeGenerator
+from tests.live_server import live_server as serving
 
 LIMITS = ServerLimits(max_prompts=4, max_prompt_tokens=64, max_tokens_to_generate=64)
 NUM_LAYERS = 8
@@ -408,19 +407,8 @@ def test_fake_generator_stream_contract():
 @pytest.fixture(scope="module")
 def live_server():
     service, fake = make_service(delay_s=0.004)
-    port = free_port()
-    config = uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{port}", service, fake
-    server.should_exit = True
-    thread.join(timeout=10)
-    service.close()
+    with serving(service) as (url, _):
+        yield url, service, fake
 
 
 def _one_client(url: str, index: int, out: dict) -> None:

@@ -21,12 +21,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from megatron.early_exit.data.tokenizers import ByteLevelTokenizer
-from megatron.early_exit.launch import free_port
-from megatron.early_exit.server.app import build_server, create_app
+from megatron.early_exit.server.app import create_app
 from megatron.early_exit.server.protocol import ServerLimits
 from megatron.early_exit.server.service import GenerationService
 from megatron.early_exit.server.text import token_pieces
 from tests.fake_generator import FakeGenerator, fake_alternatives, fake_logprob
+from tests.live_server import live_server
 
 TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
@@ -306,19 +306,9 @@ def test_echo_of_non_ascii_prompts_is_not_garbled(client):
 @pytest.fixture(scope="module")
 def live():
     service, fake = make_service(delay_s=0.05)
-    port = free_port()
-    server = build_server(create_app(service), "127.0.0.1", port, "warning",
-                          header_timeout_s=HEADER_TIMEOUT_S, max_connections=16)  # fmt: skip
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{port}", port, service, fake
-    server.should_exit = True
-    thread.join(timeout=10)
-    service.close()
+    options = {"header_timeout_s": HEADER_TIMEOUT_S, "max_connections": 16}
+    with live_server(service, **options) as (url, port):
+        yield url, port, service, fake
 
 
 def _rss() -> int:

@@ -233,13 +233,15 @@ class Lane:
                 continue
             keep = [i for i, (r, p) in enumerate(lane.rows) if not r.done and bool(r.active[p])]
             if keep:
-                lane.engine.complete(lane.cache, lane.policy_exit_depths())
+                lane.engine.complete(lane.cache, lane.policy.exit_depths)
                 parts.append((lane, keep))
         rows = [lane.rows[i] for lane, keep in parts for i in keep]
         if not parts:
             self.rows, self.cache, self.state, self.policy = [], None, None, None
             return
-        cache = _merged_cache(self.engine, parts, self._capacity_need(parts))
+        length = max(lane.cache.length - int(lane.cache.pad_lengths[keep].min())
+                     for lane, keep in parts)  # fmt: skip
+        cache = _merged_cache(self.engine, parts, length, self._capacity_need(parts, length))
         state = DecodeState(
             inputs=torch.cat([lane.state.inputs[keep] for lane, keep in parts]),
             active=torch.ones(len(rows), dtype=torch.bool),
@@ -250,16 +252,8 @@ class Lane:
         self.rows, self.cache, self.state = rows, cache, state
         self.policy = self._policy()
 
-    def policy_exit_depths(self) -> tuple[int, ...]:
-        depths = getattr(self.policy, "exit_depths", ())
-        if isinstance(self.policy, SelfSpeculative):
-            depths = (self.policy.draft_depth,)
-        return tuple(depths)
-
-    def _capacity_need(self, parts) -> int:
-        """Cache slots the merged rows need until the last of them ends."""
-        length = max(lane.cache.length - int(lane.cache.pad_lengths[keep].min())
-                     for lane, keep in parts)  # fmt: skip
+    def _capacity_need(self, parts, length: int) -> int:
+        """Cache slots the merged rows need until the last of them ends, from ``length``."""
         need = 0
         for request in {lane.rows[i][0] for lane, keep in parts for i in keep}:
             params = request.params
@@ -300,14 +294,12 @@ def _rows_of(emitted: Emitted, lane_rows, prompt_rows, num_prompts: int) -> Emit
     )  # fmt: skip
 
 
-def _merged_cache(engine: Engine, parts, capacity: int) -> KVCache:
+def _merged_cache(engine: Engine, parts, length: int, capacity: int) -> KVCache:
     """One complete cache holding rows ``keep`` of each part's (complete) cache, right-aligned.
 
-    Each part's content occupies slots ``[min pad, length)`` of its rows; the merged length is
-    the widest content, and each part's rows move by ``merged length - part length`` slots (more
+    Each part's content occupies slots ``[min pad, length)`` of its rows; the merged ``length``
+    is the widest content, and each part's rows move by ``length - part length`` slots (more
     padding on the left, or less)."""
-    length = max(lane.cache.length - int(lane.cache.pad_lengths[keep].min())
-                 for lane, keep in parts)  # fmt: skip
     pads = torch.cat([lane.cache.pad_lengths[keep] + (length - lane.cache.length)
                       for lane, keep in parts])  # fmt: skip
     merged = engine.new_cache(pads, capacity)

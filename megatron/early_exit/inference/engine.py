@@ -207,9 +207,7 @@ class Engine:
         start, hidden = cache.length, None
         depths = set(exit_depths)
         for depth in range(cache.filled_depths[-1] + 1, self.num_layers + 1):
-            first, pending = cache.catch_up(depth)
-            if pending is not None:
-                start, hidden = first, pending if hidden is None else torch.cat([pending, hidden])
+            start, hidden = self._join_pending(cache, depth, start, hidden)
             layer = self.lean.layers[depth - 1]
             hidden = probed("layer", hidden.shape[0], layer, hidden, cache.kv, start, cache.tables)
             self.counts["layer_positions"] += hidden.shape[0]
@@ -217,13 +215,14 @@ class Engine:
                 self._exit_view(cache, depth, start, hidden, 1)  # a block exit writes its KV
         cache.update(start, self.num_layers, hidden)
 
-    def _join_pending(self, cache: KVCache, depth: int, start: int, hidden: torch.Tensor):
-        """Prepend the pending positions that skipped layer ``depth`` (their catch-up)."""
+    def _join_pending(self, cache: KVCache, depth: int, start: int, hidden: torch.Tensor | None):
+        """Prepend the pending positions that skipped layer ``depth`` (their catch-up);
+        ``hidden`` None: the chunk has no positions yet (``complete``)."""
         first, pending = cache.catch_up(depth)
         if pending is None or first >= start:
             return start, hidden
         assert first + pending.shape[0] == start, (first, pending.shape, start)
-        return first, torch.cat([pending, hidden], dim=0)
+        return first, pending if hidden is None else torch.cat([pending, hidden], dim=0)
 
     def _exit_view(self, cache, depth, start, hidden, num_logits) -> ExitView:
         """The exit at ``depth`` over the last ``num_logits`` chunk positions. A block exit's

@@ -240,7 +240,12 @@ class Emitted:
 
 
 class KVFillPolicy(ABC):
-    """A decoding method: how a step runs and how skipped layers' KV gets filled."""
+    """A decoding method: how a step runs and how skipped layers' KV gets filled.
+
+    ``exit_depths``: the exits its steps run (block exits among them write their KV).
+    """
+
+    exit_depths: tuple[int, ...] = ()
 
     @abstractmethod
     def step(self, engine: Engine, cache: KVCache, state: DecodeState) -> Emitted:
@@ -410,6 +415,7 @@ class SelfSpeculative(KVFillPolicy):
         if num_draft_tokens < 1:
             raise ValueError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}")
         self.draft_depth = draft_depth
+        self.exit_depths = (draft_depth,)
         self.num_draft_tokens = num_draft_tokens
 
     def step(self, engine: Engine, cache: KVCache, state: DecodeState) -> Emitted:

@@ -186,16 +186,13 @@ def run_ranks(
     """
     if dist.get_rank(group) != 0:
         return worker_loop(generator, group)
-    if dist.get_world_size(group) == 1:  # nobody to broadcast to: the generator as it is
-        service = GenerationService(generator, limits, model_name, chat_template)
-        try:
-            return serve_fn(service)
-        finally:
-            service.close()
-    broadcasting = BroadcastingGenerator(generator, group)
-    service = GenerationService(broadcasting, limits, model_name, chat_template)
+    # With one rank there is nobody to broadcast to: the service gets the generator as it is.
+    alone = dist.get_world_size(group) == 1
+    served = generator if alone else BroadcastingGenerator(generator, group)
+    service = GenerationService(served, limits, model_name, chat_template)
     try:
         return serve_fn(service)
     finally:
         service.close()
-        broadcasting.stop()
+        if not alone:
+            served.stop()
