@@ -1,21 +1,9 @@
 """The generation service: plain Python between the HTTP routes and a text generator.
 
 ``GenerationService`` prepares a parsed request (``preparation.prepare_request``), runs it as a
-job and maps the results onto the protocol's responses (``responses``). The queue is bounded
-(``ServerLimits.max_queued_requests``, waiting plus running): one more request raises
-``ServiceBusy`` (503). The request time reported to the client includes the wait.
-
-Two ways to run jobs, chosen by the generator:
-
-* A ``concurrent`` generator (continuous batching, one process) decodes every running request
-  in one batch on its own thread; the service waits on each job from a pool thread. A client
-  that leaves (its ``cancelled`` event set) has its request dropped, waiting or running, at the
-  next decode step (``RequestCancelled``, 499); a request running past
-  ``ServerLimits.max_request_seconds`` is stopped (``RequestTimedOut``, 504).
-* Otherwise jobs are serialised on one generation thread, in arrival order, so a multi-rank
-  generator never interleaves its broadcasts. A request whose client has gone is dropped if it
-  has not started; a started one runs to its end, because the other ranks of a multi-rank
-  server are in lockstep with it, and no time limit applies.
+job (``jobs.Jobs``: the bounded queue, serial or concurrent running, cancellation and time
+limits) and maps the results onto the protocol's responses (``responses``). The request time
+reported to the client includes the wait.
 
 A request that scores prompts (OpenAI ``echo`` with ``logprobs``; Megatron's
 ``tokens_to_generate=0`` with ``logprobs``) first runs the generator's ``score`` (a full
@@ -26,15 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Callable
+from concurrent.futures import Future
 
-from megatron.early_exit.inference.batching import RequestCancelled as BatchCancelled
-from megatron.early_exit.inference.batching import TimeLimitExceeded
 from megatron.early_exit.inference.decide import ExitPolicy
 from megatron.early_exit.server.chat import (
     ChatChunkConverter,
@@ -46,10 +30,15 @@ from megatron.early_exit.server.chat import (
 )
 from megatron.early_exit.server.generator import (
     PromptCompletion,
-    PromptScores,
     TextGenerator,
-    check_scores,
-    engine_prompt_ids,
+)
+from megatron.early_exit.server.jobs import (
+    CancellableStream,
+    JobResult,
+    Jobs,
+    RequestCancelled,
+    RequestTimedOut,
+    ServiceBusy,
 )
 from megatron.early_exit.server.preparation import (
     CHAT_FIELDS,
@@ -60,7 +49,6 @@ from megatron.early_exit.server.preparation import (
     prepare_request,
 )
 from megatron.early_exit.server.protocol import (
-    CompletionChunk,
     CompletionRequest,
     CompletionResponse,
     GenerateRequest,
@@ -92,31 +80,6 @@ __all__ = [
 ]
 
 
-class ServiceBusy(RuntimeError):
-    """The queue is full (reported as 503)."""
-
-
-class RequestCancelled(RuntimeError):
-    """The client left; its request was dropped (before or, with continuous batching, while
-    it ran)."""
-
-
-class RequestTimedOut(RuntimeError):
-    """The request ran past ``ServerLimits.max_request_seconds`` and was stopped (504)."""
-
-
-@dataclass(frozen=True)
-class JobResult:
-    """What one job computed: the prompts' scores (when asked) and the generations."""
-
-    scores: list[PromptScores] | None
-    results: list[PromptCompletion]
-
-
-_END = object()
-_POLL_S = 0.05
-
-
 class GenerationService:
     """Prepare, serialise and time generation requests; map results onto responses.
 
@@ -140,15 +103,7 @@ class GenerationService:
         self.limits = limits or ServerLimits()
         self.model_name = model_name
         self.chat_template = chat_template
-        self.concurrent = bool(getattr(generator, "concurrent", False))
-        workers = self.limits.max_queued_requests if self.concurrent else 1
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="generation")
-        self._stats_lock = threading.Lock()
-        self._num_pending = 0
-        self._num_served = 0
-        self._num_failed = 0
-        self._num_cancelled = 0
-        self._num_refused = 0
+        self.jobs = Jobs(generator, self.limits)
 
     # ---------------------------------------------------------------- preparing and running
 
@@ -163,124 +118,13 @@ class GenerationService:
     ) -> Future[list[PromptCompletion]]:
         """Validate now (``RequestError``), queue the generation; the future holds the results."""
         prepared = self.prepare(params, fields)
-        return self._submit(lambda p: self._run_job(p, None).results, prepared)
+        return self.jobs.results(prepared)
 
     def run(
         self, params: GenerationRequest, fields: RequestFields = GENERATE_FIELDS
     ) -> list[PromptCompletion]:
         """Validate and generate (waiting for earlier requests); one result per prompt."""
         return self.submit(params, fields).result()
-
-    def _submit(self, fn: Callable, *args) -> Future:
-        with self._stats_lock:
-            if self._num_pending >= self.limits.max_queued_requests:
-                self._num_refused += 1
-                raise ServiceBusy(
-                    f"the server is busy ({self._num_pending} requests queued or running); "
-                    "retry later"
-                )
-            self._num_pending += 1
-        try:
-            future = self._executor.submit(self._counted, fn, *args)
-        except RuntimeError:  # the service was closed
-            with self._stats_lock:
-                self._num_pending -= 1
-            raise
-        return future
-
-    def _counted(self, fn: Callable, *args):
-        try:
-            result = fn(*args)
-        except BaseException as error:
-            with self._stats_lock:
-                if isinstance(error, RequestCancelled):
-                    self._num_cancelled += 1
-                else:
-                    self._num_failed += 1
-                self._num_pending -= 1
-            raise
-        with self._stats_lock:
-            self._num_served += 1
-            self._num_pending -= 1
-        return result
-
-    def _wait(self, future: Future, cancelled: threading.Event | None):
-        """The future's result; drops the job if ``cancelled`` is set before it starts."""
-        if cancelled is None:
-            return future.result()
-        while True:
-            try:
-                return future.result(timeout=_POLL_S)
-            except TimeoutError:
-                if cancelled.is_set() and future.cancel():
-                    self._note_cancelled()
-                    raise RequestCancelled("the client left before the request started") from None
-
-    def _note_cancelled(self) -> None:
-        with self._stats_lock:
-            self._num_pending -= 1
-            self._num_cancelled += 1
-
-    def _scores(self, params: GenerationRequest) -> list[PromptScores] | None:
-        if not params.score_prompts:
-            return None
-        scores = self.generator.score(params)
-        check_scores(scores, engine_prompt_ids(params, self.generator.tokenizer))
-        return scores
-
-    def _limits_of_job(self, cancelled: threading.Event | None) -> dict:
-        """The stop conditions a concurrent generator takes (a serial one runs to the end)."""
-        if not self.concurrent:
-            return {}
-        return {"cancelled": cancelled, "time_limit_s": self.limits.max_request_seconds}
-
-    def _stopped(self, error: Exception) -> Exception:
-        if isinstance(error, BatchCancelled):
-            return RequestCancelled("the client left; its request was stopped")
-        return RequestTimedOut(
-            f"the request ran past the server's {self.limits.max_request_seconds:g}-second "
-            "limit and was stopped (--max-request-seconds)"
-        )
-
-    def _run_job(self, prepared: PreparedRequest, cancelled: threading.Event | None) -> JobResult:
-        params = prepared.params
-        try:
-            scores = self._scores(params)
-            if params.max_new_tokens == 0:
-                results = [_empty_completion(i) for i in range(len(params.prompts))]
-            else:
-                results = list(self.generator.generate(params, **self._limits_of_job(cancelled)))
-        except (BatchCancelled, TimeLimitExceeded) as error:
-            raise self._stopped(error) from None
-        except Exception as error:
-            logger.exception("generation failed")
-            raise GenerationError(f"generation failed: {type(error).__name__}: {error}") from error
-        if [result.index for result in results] != list(range(len(params.prompts))):
-            raise GenerationError("generator returned results out of prompt order")
-        return JobResult(scores, results)
-
-    def _stream_job(
-        self, prepared: PreparedRequest, out: queue.Queue, cancelled: threading.Event
-    ) -> None:
-        params = prepared.params
-        try:
-            out.put(("scores", self._scores(params)))
-            if params.max_new_tokens == 0:
-                for index in range(len(params.prompts)):
-                    out.put(_empty_completion(index))
-            else:
-                for item in self.generator.stream(params, **self._limits_of_job(cancelled)):
-                    out.put(item)
-        except (BatchCancelled, TimeLimitExceeded) as error:
-            stopped = self._stopped(error)
-            out.put(GenerationError(str(stopped)))
-            raise stopped from None
-        except Exception as error:
-            logger.exception("streaming generation failed")
-            out.put(GenerationError(f"generation failed: {type(error).__name__}: {error}"))
-            raise
-        finally:
-            out.put(_END)
 
     def _log(self, params: GenerationRequest, kind: str, seconds: float) -> None:
         if not params.no_log:
@@ -297,7 +141,7 @@ class GenerationService:
         self, prepared: PreparedRequest, cancelled: threading.Event | None = None
     ) -> JobResult:
         """Queue a prepared request and wait for it (``RequestCancelled`` if dropped)."""
-        return self._wait(self._submit(self._run_job, prepared, cancelled), cancelled)
+        return self.jobs.run(prepared, cancelled)
 
     def stream_prepared(
         self,
@@ -307,12 +151,11 @@ class GenerationService:
     ) -> CancellableStream:
         """Queue a prepared request for streaming; ``assembler_fn(scores)`` makes the chunks'
         assembler once the scores (if any) are known; ``convert`` maps each chunk."""
-        out: queue.Queue = queue.Queue()
-        cancelled = threading.Event()
-        future = self._submit(self._stream_job, prepared, out, cancelled)
-        return CancellableStream(
-            self, future, out, assembler_fn, prepared.params, convert, cancelled
-        )
+
+        def log(seconds: float) -> None:
+            self._log(prepared.params, "stream", seconds)
+
+        return self.jobs.stream(prepared, assembler_fn, convert, log)
 
     # ---------------------------------------------------------------- models and templates
 
@@ -508,14 +351,6 @@ class GenerationService:
 
     def health(self) -> dict:
         """Model facts and request counters, for ``GET /health``."""
-        with self._stats_lock:
-            counters = {
-                "pending": self._num_pending,
-                "served": self._num_served,
-                "failed": self._num_failed,
-                "cancelled": self._num_cancelled,
-                "refused_busy": self._num_refused,
-            }
         return {
             "status": "ok",
             "model": self.model_name,
@@ -523,81 +358,11 @@ class GenerationService:
             "exit_layers": list(self.generator.exit_depths),
             "max_sequence_length": self.generator.max_sequence_length,
             "limits": {**vars(self.limits), "max_prompt_chars": self.limits.prompt_chars},
-            "batching": "continuous" if self.concurrent else "serial",
+            "batching": "continuous" if self.jobs.concurrent else "serial",
             "batching_statistics": getattr(self.generator, "batching_statistics", lambda: None)(),
-            "requests": counters,
+            "requests": self.jobs.counters(),
         }
 
     def close(self) -> None:
-        """Finish queued requests and stop the service thread."""
-        self._executor.shutdown(wait=True)
-
-
-class CancellableStream:
-    """The chunks of one streamed request; ``cancel()`` drops it if it has not started, and
-    stops it if it runs (with continuous batching)."""
-
-    def __init__(
-        self,
-        service,
-        future: Future,
-        out: queue.Queue,
-        assembler_fn,
-        params,
-        convert=None,
-        cancelled: threading.Event | None = None,
-    ) -> None:
-        self._service = service
-        self._cancelled = cancelled
-        self._convert = convert
-        self._future = future
-        self._out = out
-        self._assembler_fn = assembler_fn
-        self._params = params
-        self._iterator = self._chunks()
-
-    def __iter__(self) -> Iterator[CompletionChunk]:
-        return self
-
-    def __next__(self) -> CompletionChunk:
-        chunk = next(self._iterator)
-        return self._convert(chunk) if self._convert is not None else chunk
-
-    def has_output(self) -> bool:
-        """Whether the job has put anything out yet (it has started, or failed or ended)."""
-        return not self._out.empty() or self._future.done()
-
-    def cancel(self) -> bool:
-        """Drop the request if it has not started (True), else ask a running one to stop (it
-        stops at the next decode step with continuous batching; a no-op once it has ended)."""
-        dropped = self._future.cancel()
-        if dropped:
-            self._service._note_cancelled()
-            self._out.put(_END)
-        elif self._cancelled is not None and not self._future.done():
-            self._cancelled.set()
-        return dropped
-
-    def _get(self):
-        item = self._out.get()
-        if isinstance(item, GenerationError):
-            raise item
-        return item
-
-    def _chunks(self) -> Iterator[CompletionChunk]:
-        first = self._get()
-        if first is _END:
-            if self._future.cancelled():
-                raise CancelledError("the request was cancelled before it started")
-            raise GenerationError("the generation ended without output")
-        _, scores = first
-        assembler = self._assembler_fn(scores)
-        yield from assembler.opening()
-        while (item := self._get()) is not _END:
-            yield from assembler.add(item)
-        yield assembler.closing()
-        self._service._log(self._params, "stream", time.perf_counter() - assembler.start)
-
-
-def _empty_completion(index: int) -> PromptCompletion:
-    return PromptCompletion(index, "", (), (), (), finish_reason="length")
+        """Finish queued requests and stop the service thread(s)."""
+        self.jobs.close()
