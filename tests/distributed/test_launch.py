@@ -157,13 +157,15 @@ def test_address_in_use_recognises_both_rendezvous_errors_and_nothing_else(taken
 
 
 TORCHRUN_WORKER = """
-import os, torch, torch.distributed as dist
+import os, sys, torch, torch.distributed as dist
 from megatron.early_exit import platform
 platform._init_process_group(60.0)
 total = torch.tensor([int(os.environ["RANK"]) + 1])
 dist.all_reduce(total)
-print("rank", os.environ["RANK"], "total", int(total), "agent store",
-      os.environ["TORCHELASTIC_USE_AGENT_STORE"], flush=True)
+# One file per rank: two ranks printing to one stdout interleave their characters.
+with open(os.path.join(sys.argv[1], "rank" + os.environ["RANK"]), "w") as out:
+    out.write(f"rank {os.environ['RANK']} total {int(total)} agent store "
+              f"{os.environ['TORCHELASTIC_USE_AGENT_STORE']}")
 dist.destroy_process_group()
 """
 
@@ -176,10 +178,11 @@ def test_torchrun_command_rendezvous_needs_no_chosen_port(tmp_path):
     assert "--master-port" not in command and "--standalone" in command
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [*command, str(script)], env=env, capture_output=True, text=True, timeout=120
-    )
+        [*command, str(script), str(tmp_path)], env=env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    lines = sorted(line for line in done.stdout.splitlines() if line.startswith("rank"))
+    lines = sorted(path.read_text() for path in tmp_path.glob("rank*"))
     assert lines == ["rank 0 total 3 agent store True", "rank 1 total 3 agent store True"]
 
 

@@ -237,11 +237,15 @@ def test_clients_against_an_honest_and_a_leaky_server():
     assert row["requests_per_second"] > 0 and row["latency_p99_s"] >= row["latency_p50_s"]
     assert row["distinct_requests"] == len(distinct(r for c in mix for r in c))
 
-    seen = []  # a server whose answer depends on the request before: cross-talk
+    # A server whose answer depends on the requests served before it: cross-talk. (It leaks
+    # the request count, which the alone pass after the load never repeats; leaking the
+    # previous prompt would go unseen whenever the load happened to be served in the alone
+    # pass's order, as on a slow machine.)
+    seen = []
 
     def leaky(prompt: str) -> str:
         seen.append(prompt)
-        return f" [{seen[-2] if len(seen) > 1 else prompt}]"
+        return f"{len(seen) - 1} requests before {prompt}"  # the count within max_tokens
 
     with live_server(_fake_service(leaky)) as (url, _):
         row = _measure(url, mix)
